@@ -1,0 +1,193 @@
+"""The ``brainshift`` command line. Every sub-command is a thin layer over package functions.
+
+Exit codes: 0 all went well; 1 at least one case or file failed (each named on stderr, one line);
+2 the command line itself was wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+
+DEMO_SEED = 7
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Plain-text table; ``columns`` = (key, header, format spec such as '.2f' or '')."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([("-" if r.get(k) is None else format(r[k], f)) for k, _, f in columns])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) if n else c.ljust(w) for n, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+TRE_COLUMNS = [("case", "pair", ""), ("method", "method", ""), ("tre_mean", "TRE mean mm", ".2f"),
+               ("tre_max", "TRE max mm", ".2f"), ("sdlogj", "SDlogJ", ".4f"), ("folds", "folds", "d"),
+               ("seconds", "time s", ".1f")]
+
+
+# --------------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from .io import InputError, discover_cases
+    from .pipeline import run_cases
+
+    try:
+        found = discover_cases(args.input, args.modality)
+    except InputError as exc:
+        _err(str(exc))
+        return 1
+    for p in found.problems:
+        _err(p)
+    if not found.cases:
+        _err(f"{args.input}: no (fixed, moving) pair found")
+        return 1
+    try:
+        records, errors = run_cases(found.cases, args.output, method=args.method, threads=args.threads,
+                                    progress=not args.quiet)
+    except InputError as exc:
+        _err(str(exc))
+        return 1
+    for e in errors:
+        _err(e)
+    if not args.quiet:
+        print(f"{len(records)} of {len(found.cases)} fields written to {args.output}")
+    return 1 if (errors or found.problems) else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .io import InputError
+    from .metrics import evaluate_folder, write_metrics_json
+
+    try:
+        results, problems = evaluate_folder(args.input, args.output, args.modality, progress=not args.quiet)
+    except InputError as exc:
+        _err(str(exc))
+        return 1
+    for p in problems:
+        _err(p)
+    rows = [{"case": k, "method": "", **v} for k, v in results.items()]
+    print(format_table(rows, [c for c in TRE_COLUMNS if c[0] not in ("method", "seconds")]))
+    scored = [r["tre_mean"] for r in rows if "tre_mean" in r]
+    if scored:
+        print(f"summary: {len(rows)} pairs, mean TRE {sum(scored) / len(scored):.3f} mm, "
+              f"max {max(r['tre_max'] for r in rows if 'tre_max' in r):.3f} mm, "
+              f"mean SDlogJ {sum(r['sdlogj'] for r in rows) / len(rows):.4f}, folds {sum(r['folds'] for r in rows)}")
+    if results:
+        path = write_metrics_json(Path(args.json) if args.json else Path(args.output) / "metrics.json", results)
+        print(f"metrics written to {path}")
+    return 1 if problems or not results else 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .synth import simulate_dataset
+
+    paths = simulate_dataset(Path(args.out), args.cases, seed=args.seed, shape=args.shape, spacing=args.spacing,
+                             preview=args.preview, progress=not args.quiet)
+    if not args.quiet:
+        print(f"{args.cases} cases ({len(paths)} files) written to {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Simulate one case (if not there yet), run every method on it, print the TRE table."""
+    from .io import discover_cases
+    from .metrics import evaluate_case
+    from .fields import read_field
+    from .pipeline import METHODS, run_cases
+    from .synth import simulate_dataset
+
+    out = Path(args.out)
+    data = out / "data"
+    if not (data / "ReMIND2Reg_dataset.json").is_file():
+        print(f"simulating the demo case ({args.shape}^3 at {args.spacing} mm, seed {DEMO_SEED}) into {data}")
+        simulate_dataset(data, 1, seed=DEMO_SEED, shape=args.shape, spacing=args.spacing, progress=False)
+    cases = discover_cases(data, "t1").cases
+    rows = []
+    for case in cases:
+        truth = read_field(data / "truth" / case.output_name)
+        rows.append({"case": case.pair_name, "method": "truth (simulator)", **evaluate_case(case, truth)})
+    for method in METHODS:
+        records, errors = run_cases(cases, out / method, method=method, progress=False)
+        for e in errors:
+            _err(e)
+        for case, rec in zip(cases, records):
+            rows.append({"case": case.pair_name, "method": method, "seconds": rec["seconds"],
+                         **evaluate_case(case, read_field(rec["field"]))})
+    print(format_table(rows, TRE_COLUMNS))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import METHODS
+
+    p = argparse.ArgumentParser(prog="brainshift", description=(
+        "Register pre-operative brain MR (moving) to post-resection intra-operative ultrasound (fixed). "
+        "Fields are Learn2Reg voxel pull fields on the fixed grid: moving voxel = p + disp[p]."))
+    p.add_argument("--version", action="version", version=f"brainshift {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="register every (iUS, MR) pair of a folder and write one field per pair",
+                       description="Find every (fixed iUS, moving MR) pair in INPUT (flat ReMIND2Reg layout, dataset "
+                       "layout with imagesTr/, or grand-challenge images/fixed + images/moving) and write "
+                       "disp_XXXX_0000_XXXX_000M.nii.gz (float32, X,Y,Z,3, voxel pull field) into OUTPUT.")
+    r.add_argument("--input", required=True, help="folder with the cases")
+    r.add_argument("--output", required=True, help="folder for the displacement fields (created if needed)")
+    r.add_argument("--method", choices=METHODS, default="niftyreg-rigid",
+                   help="identity: zero field; niftyreg-rigid: the official NiftyReg rigid baseline (default)")
+    r.add_argument("--modality", choices=("t1", "t2", "both"), default="both",
+                   help="which moving MR to register: _0001 ceT1, _0002 T2, or both (default)")
+    r.add_argument("--threads", type=int, default=None, help="threads for NiftyReg (default: all cores)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("evaluate", help="score fields with the official TRE and SDlogJ",
+                       description="Score the fields in OUTPUT against the landmarks of the cases in INPUT "
+                       "(landmarks/ or landmarksTr/, voxel csv). Prints a table and writes OUTPUT/metrics.json "
+                       "shaped like the official Learn2Reg one.")
+    e.add_argument("--input", required=True, help="folder with the cases and their landmarks")
+    e.add_argument("--output", required=True, help="folder with the displacement fields")
+    e.add_argument("--modality", choices=("t1", "t2", "both"), default="both")
+    e.add_argument("--json", default=None, help="where to write metrics.json (default: OUTPUT/metrics.json)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("simulate", help="write simulated MR/iUS cases with known brain shift and landmarks",
+                       description="Write cases 0001..N in the ReMIND2Reg dataset layout (imagesTr/, landmarksTr/, "
+                       "truth/ ground-truth pull fields, ReMIND2Reg_dataset.json), built from the MNI152 2009 "
+                       "T1 that ships with nilearn. Deterministic for a given seed.")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--cases", type=int, default=5, help="number of cases (default 5)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--shape", type=int, default=256, help="cube size in voxels (default 256, as ReMIND2Reg)")
+    s.add_argument("--spacing", type=float, default=0.5, help="voxel size in mm (default 0.5, as ReMIND2Reg)")
+    s.add_argument("--preview", action="store_true", help="also write preview/ReMIND2Reg_XXXX.png per case")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_simulate)
+
+    d = sub.add_parser("demo", help="run every method on the embedded (simulated) demo case and print the TRE table",
+                       description="Simulates one case (deterministic, from the MNI152 template shipped in nilearn), "
+                       "runs each method on it, and prints the per-method TRE table.")
+    d.add_argument("--out", default="demo_out", help="working folder (default demo_out)")
+    d.add_argument("--shape", type=int, default=128, help="cube size in voxels (default 128)")
+    d.add_argument("--spacing", type=float, default=1.0, help="voxel size in mm (default 1.0)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

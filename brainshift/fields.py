@@ -1,0 +1,128 @@
+"""Displacement fields in the Learn2Reg convention, and the conversions that produce them.
+
+The one convention (ReMIND2Reg, Learn2Reg): a field ``disp`` has shape ``fixed.shape + (3,)``,
+float32, in **voxel units**, and is a **pull** (backward) field on the **fixed** grid: the moving
+voxel that corresponds to fixed voxel ``p = (i, j, k)`` is ``p + disp[p]``. Warping the moving
+image onto the fixed grid therefore reads ``moving(p + disp[p])``. The file's header carries the
+moving image's affine (the two grids coincide in ReMIND2Reg).
+
+World matrices follow NiftyReg's ``-aff`` files: ``M`` maps *reference (fixed)* world coordinates
+to *floating (moving)* world coordinates, RAS millimetres. The voxel mapping is then
+``q = inv(A_moving) @ M @ A_fixed @ p`` (homogeneous), so ``disp[p] = q - p``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from scipy.ndimage import map_coordinates
+
+from .io import InputError, _atomic_write, _write_image
+
+
+def voxel_matrix(world_matrix: np.ndarray, fixed_affine: np.ndarray, moving_affine: np.ndarray) -> np.ndarray:
+    """4x4 map from fixed voxel index to moving voxel index for a NiftyReg-convention world matrix."""
+    return np.linalg.inv(moving_affine) @ np.asarray(world_matrix, dtype=np.float64) @ fixed_affine
+
+
+def matrix_to_field(world_matrix: np.ndarray, fixed_affine: np.ndarray, moving_affine: np.ndarray,
+                    fixed_shape: tuple[int, int, int]) -> np.ndarray:
+    """Voxel pull field (X,Y,Z,3) float32 of a world matrix (reference world -> floating world, RAS).
+
+    Computed exactly (no interpolation) by broadcasting: ``disp[p] = (V - I) p + t`` with ``V`` the
+    voxel matrix of :func:`voxel_matrix`.
+    """
+    v = voxel_matrix(world_matrix, fixed_affine, moving_affine)
+    lin = v[:3, :3] - np.eye(3)
+    i, j, k = (np.arange(n, dtype=np.float64) for n in fixed_shape)
+    disp = np.empty(tuple(fixed_shape) + (3,), dtype=np.float32)
+    for c in range(3):
+        disp[..., c] = (lin[c, 0] * i[:, None, None] + lin[c, 1] * j[None, :, None]
+                        + lin[c, 2] * k[None, None, :] + v[c, 3])
+    return disp
+
+
+def identity_field(fixed_shape: tuple[int, int, int]) -> np.ndarray:
+    """The zero pull field on the fixed grid."""
+    return np.zeros(tuple(fixed_shape) + (3,), dtype=np.float32)
+
+
+def _sample(volume: np.ndarray, coords: np.ndarray, order: int, mode: str, cval: float = 0.0) -> np.ndarray:
+    """``volume`` at voxel ``coords`` (shape (3, ...)); float32 out."""
+    return map_coordinates(volume, coords, order=order, mode=mode, cval=cval, output=np.float32,
+                           prefilter=order > 1)
+
+
+def _grid_plus(disp: np.ndarray) -> np.ndarray:
+    """Coordinates ``p + disp[p]`` as an array (3, X, Y, Z) float32."""
+    coords = np.moveaxis(disp, -1, 0).astype(np.float32, copy=True)
+    for c, n in enumerate(disp.shape[:3]):
+        shape = [1, 1, 1]
+        shape[c] = n
+        coords[c] += np.arange(n, dtype=np.float32).reshape(shape)
+    return coords
+
+
+def compose(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Pull field of "follow ``first``, then ``second``": ``p -> q = p + first[p] -> q + second[q]``.
+
+    ``first`` lives on the fixed grid and maps to an intermediate grid on which ``second`` lives
+    (e.g. ``first`` = deformable field between fixed and the affinely pre-aligned moving image,
+    ``second`` = the affine field). ``second`` is sampled trilinearly at ``q`` (edge values
+    extended outside its grid). Result: ``first.shape``, float32.
+    """
+    coords = _grid_plus(first)
+    out = np.empty_like(first, dtype=np.float32)
+    for c in range(3):
+        out[..., c] = first[..., c] + _sample(second[..., c], coords, order=1, mode="nearest")
+    return out
+
+
+def warp(moving: np.ndarray, disp: np.ndarray, order: int = 1, cval: float = 0.0) -> np.ndarray:
+    """Resample the moving image onto the fixed grid: ``out[p] = moving(p + disp[p])``.
+
+    ``order`` is the spline order (0 nearest, 1 linear, 3 cubic); outside the moving grid ``cval``.
+    """
+    return _sample(np.asarray(moving, dtype=np.float32), _grid_plus(disp), order=order, mode="constant", cval=cval)
+
+
+def field_name(fixed_id: str, fixed_tag: str, moving_id: str, moving_tag: str) -> str:
+    """Official file name ``disp_XXXX_0000_XXXX_000M.nii.gz``."""
+    return f"disp_{fixed_id}_{fixed_tag}_{moving_id}_{moving_tag}.nii.gz"
+
+
+def write_field(path: str | os.PathLike, disp: np.ndarray, moving_affine: np.ndarray) -> Path:
+    """Write a pull field (X,Y,Z,3) as float32 with the moving image's affine (.nii.gz or .mha).
+
+    Written to a temporary name in the same folder and renamed, so no partial file is ever seen.
+    """
+    disp = np.asarray(disp)
+    if disp.ndim != 4 or disp.shape[3] != 3:
+        raise ValueError(f"a displacement field has shape (X,Y,Z,3), not {disp.shape}")
+    if not np.isfinite(disp).all():
+        raise ValueError("displacement field contains NaN or Inf; not written")
+    return _atomic_write(Path(path), lambda tmp: _write_image(tmp, disp.astype(np.float32), moving_affine))
+
+
+def read_field(path: str | os.PathLike) -> np.ndarray:
+    """Read a pull field written by :func:`write_field` (or by any Learn2Reg method): (X,Y,Z,3)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: displacement field not found")
+    if path.name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        try:
+            disp = np.asarray(nib.load(str(path)).dataobj, dtype=np.float64)
+        except Exception as exc:
+            raise InputError(f"{path}: cannot read displacement field ({exc})") from exc
+    else:
+        from .io import _read_itk
+
+        disp = _read_itk(path)[0].astype(np.float64)
+    if disp.ndim == 5 and disp.shape[3] == 1:  # (X,Y,Z,1,3) as some NIfTI writers store vectors
+        disp = disp[:, :, :, 0, :]
+    if disp.ndim != 4 or disp.shape[3] != 3:
+        raise InputError(f"{path}: displacement field must have shape (X,Y,Z,3), got {disp.shape}")
+    return disp
