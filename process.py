@@ -16,5 +16,5 @@ if __name__ == "__main__":
         "--input", os.environ.get("BRAINSHIFT_INPUT", "/input"),
         "--output", os.environ.get("BRAINSHIFT_OUTPUT", "/output"),
         "--modality", os.environ.get("BRAINSHIFT_MODALITY", "both"),
-        "--method", os.environ.get("BRAINSHIFT_METHOD", "niftyreg-rigid"),
+        "--method", os.environ.get("BRAINSHIFT_METHOD", "brainshift"),
     ] + sys.argv[1:]))

@@ -51,8 +51,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         _err(f"{args.input}: no (fixed, moving) pair found")
         return 1
     try:
-        records, errors = run_cases(found.cases, args.output, method=args.method, threads=args.threads,
-                                    progress=not args.quiet)
+        records, errors = run_cases(found.cases, args.output, method=args.method, stages=args.stages,
+                                    threads=args.threads, qc=args.qc, progress=not args.quiet)
     except InputError as exc:
         _err(str(exc))
         return 1
@@ -102,7 +102,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .io import discover_cases
     from .metrics import evaluate_case
     from .fields import read_field
-    from .pipeline import METHODS, run_cases
+    from .pipeline import run_cases
     from .synth import simulate_dataset
 
     out = Path(args.out)
@@ -115,7 +115,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for case in cases:
         truth = read_field(data / "truth" / case.output_name)
         rows.append({"case": case.pair_name, "method": "truth (simulator)", **evaluate_case(case, truth)})
-    for method in METHODS:
+    for method in ("identity", "niftyreg-rigid", "brainshift"):
         records, errors = run_cases(cases, out / method, method=method, progress=False)
         for e in errors:
             _err(e)
@@ -126,9 +126,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stages(text: str) -> tuple[str, ...]:
+    from .pipeline import STAGES
+
+    stages = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages:
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {', '.join(bad) or '(none)'}; choose from {', '.join(STAGES)}")
+    return stages
+
+
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from .pipeline import METHODS
+    from .pipeline import METHODS, STAGES
 
     p = argparse.ArgumentParser(prog="brainshift", description=(
         "Register pre-operative brain MR (moving) to post-resection intra-operative ultrasound (fixed). "
@@ -142,8 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "disp_XXXX_0000_XXXX_000M.nii.gz (float32, X,Y,Z,3, voxel pull field) into OUTPUT.")
     r.add_argument("--input", required=True, help="folder with the cases")
     r.add_argument("--output", required=True, help="folder for the displacement fields (created if needed)")
-    r.add_argument("--method", choices=METHODS, default="niftyreg-rigid",
-                   help="identity: zero field; niftyreg-rigid: the official NiftyReg rigid baseline (default)")
+    r.add_argument("--method", choices=METHODS, default="brainshift",
+                   help="brainshift: this project's stages (default); niftyreg-rigid: the official NiftyReg "
+                   "rigid baseline; identity: zero field")
+    r.add_argument("--stages", type=_stages, default=STAGES, metavar="S[,S]",
+                   help=f"brainshift stages to run, comma separated, from {','.join(STAGES)} (default: all)")
+    r.add_argument("--qc", action="store_true", help="also write per-case diagnostics (curves, records) to OUTPUT/qc/")
     r.add_argument("--modality", choices=("t1", "t2", "both"), default="both",
                    help="which moving MR to register: _0001 ceT1, _0002 T2, or both (default)")
     r.add_argument("--threads", type=int, default=None, help="threads for NiftyReg (default: all cores)")
