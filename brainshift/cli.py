@@ -126,6 +126,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_style(args: argparse.Namespace) -> int:
+    from .io import InputError
+    from .style import stylize_file
+
+    try:
+        path = stylize_file(args.input, args.output, model_path=args.model, device=args.device)
+    except InputError as exc:
+        _err(str(exc))
+        return 1
+    print(f"synthetic T1 written to {path}")
+    return 0
+
+
+def cmd_train_style(args: argparse.Namespace) -> int:
+    from .style.train import config_from_args, train_style
+
+    summary = train_style(config_from_args(args), progress=True)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def _stages(text: str) -> tuple[str, ...]:
     from .pipeline import STAGES
 
@@ -195,6 +216,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shape", type=int, default=128, help="cube size in voxels (default 128)")
     d.add_argument("--spacing", type=float, default=1.0, help="voxel size in mm (default 1.0)")
     d.set_defaults(func=cmd_demo)
+
+    st = sub.add_parser("style", help="iUS -> synthetic T1 with the shipped CycleGAN generator",
+                        description="Whole-volume inference by overlapping patches; output on the iUS grid, "
+                        "normalised T1 units [0, 1], exactly 0 outside the ultrasound field of view.")
+    st.add_argument("--input", required=True, help="iUS volume (.nii.gz or .mha)")
+    st.add_argument("--output", required=True, help="synthetic T1 to write")
+    st.add_argument("--model", default=None, help="generator weights (default: model/style/us2t1.pt)")
+    st.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    st.set_defaults(func=cmd_style)
+
+    from .style.train import build_parser as style_train_parser
+
+    ts = sub.add_parser("train-style", help="train the iUS -> T1 CycleGAN on a folder in ReMIND2Reg dataset layout",
+                        description="Unpaired 3D CycleGAN training (iUS _0000, T1 _0001) on random patches inside "
+                        "the iUS field of view; checkpoints every epoch, --resume, loss log, validation PNGs.")
+    style_train_parser(ts)
+    ts.set_defaults(func=cmd_train_style)
     return p
 
 

@@ -1,0 +1,10 @@
+"""Style transfer iUS -> synthetic T1 (3D CycleGAN) and T2 -> T1-like remapping.
+
+Public API: :func:`synthesize_t1`, :func:`load_style_model`, :func:`train_style` with
+:class:`StyleTrainConfig`, :func:`t2_to_t1_like`.
+"""
+from .infer import StyleModel, load_style_model, stylize_file, synthesize_t1
+from .t2 import t2_to_t1_like
+from .train import StyleTrainConfig, train_style
+
+__all__ = ["StyleModel", "StyleTrainConfig", "load_style_model", "stylize_file", "synthesize_t1", "t2_to_t1_like", "train_style"]

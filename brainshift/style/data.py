@@ -1,0 +1,113 @@
+"""Intensity normalisation and unpaired random patch sampling for the style-transfer CycleGAN.
+
+Normalised units: each volume is divided by its 99.5th percentile (iUS: over its field of view,
+``us > 0``; T1: over its non-zero voxels), clipped to ``[0, 1]`` and mapped to ``[-1, 1]``. Voxels
+outside the iUS field of view are set to ``-1`` in both domains, so that real T1 patches and
+synthetic ones share the same support (the discriminator cannot tell them apart by the cone).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..io import discover_cases, load_volume
+
+PERCENTILE = 99.5
+
+
+def normalise(vol: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Scale to ``[-1, 1]``: ``2 * clip(v / p99.5, 0, 1) - 1`` (percentile over ``mask`` or v > 0);
+    voxels outside ``mask`` (default ``v > 0``) become ``-1``. float32, same shape."""
+    vol = np.asarray(vol, dtype=np.float32)
+    mask = vol > 0 if mask is None else np.asarray(mask, dtype=bool)
+    out = np.full(vol.shape, -1.0, dtype=np.float32)
+    if not mask.any():
+        return out
+    scale = float(np.percentile(vol[mask], PERCENTILE))
+    scale = scale if scale > 0 else float(np.abs(vol[mask]).max() or 1.0)
+    out[mask] = 2.0 * np.clip(vol[mask] / scale, 0.0, 1.0) - 1.0
+    return out
+
+
+@dataclass
+class StyleCase:
+    """One training volume pair in normalised units; ``fov`` is the iUS field of view (us > 0)."""
+
+    name: str
+    us: np.ndarray
+    t1: np.ndarray
+    fov: np.ndarray
+    fov_index: np.ndarray  # (N, 3) voxel indices inside the field of view, for centre sampling
+
+
+def make_case(name: str, us: np.ndarray, t1: np.ndarray) -> StyleCase:
+    """Normalise an iUS volume and the T1 of the same case (only the T1's own grid is used)."""
+    fov = np.asarray(us) > 0
+    us_n = normalise(us, fov)
+    t1_n = normalise(t1)
+    # sample centres from a thinned set of FOV voxels (memory: 256^3 volumes have ~10^7 of them)
+    idx = np.argwhere(fov)
+    if len(idx) > 200_000:
+        idx = idx[:: len(idx) // 200_000]
+    return StyleCase(name, us_n, t1_n, fov, idx.astype(np.int32))
+
+
+def load_cases(data_dir: str | Path) -> list[StyleCase]:
+    """iUS (``_0000``) and T1 (``_0001``) of every T1 case in a ReMIND2Reg-layout folder."""
+    found = discover_cases(data_dir, "t1")
+    if not found.cases:
+        raise ValueError(f"{data_dir}: no iUS/T1 case found ({'; '.join(found.problems) or 'empty folder'})")
+    cases = []
+    for c in found.cases:
+        us, t1 = load_volume(c.fixed).data, load_volume(c.moving).data
+        if us.shape != t1.shape:
+            raise ValueError(f"case {c.case_id}: iUS {us.shape} and T1 {t1.shape} grids differ")
+        if not (us > 0).any():
+            raise ValueError(f"{c.fixed}: iUS has no voxel > 0 (empty field of view)")
+        cases.append(make_case(c.case_id, us, t1))
+    return cases
+
+
+def crop(vol: np.ndarray, centre: np.ndarray, patch: int, fill: float) -> np.ndarray:
+    """Cubic patch of side ``patch`` around ``centre``, kept inside the volume where it fits,
+    padded with ``fill`` where the volume is smaller than the patch."""
+    out = np.full((patch,) * 3, fill, dtype=np.float32)
+    src, dst = [], []
+    for c, n in zip(centre, vol.shape):
+        start = int(c) - patch // 2
+        start = min(max(start, 0), max(n - patch, 0)) if n >= patch else (n - patch) // 2
+        lo, hi = max(start, 0), min(start + patch, n)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - start, hi - start))
+    out[tuple(dst)] = vol[tuple(src)]
+    return out
+
+
+class PatchSampler:
+    """Unpaired patches: the iUS patch and the T1 patch of one sample come from independently
+    drawn cases and centres (each centre inside that case's iUS field of view); both are set to
+    -1 outside the field of view at their own location. Random flips along each axis."""
+
+    def __init__(self, cases: list[StyleCase], patch: int, seed: int = 0):
+        self.cases, self.patch = cases, patch
+        self.rng = np.random.default_rng(seed)
+
+    def _one(self, domain: str) -> tuple[np.ndarray, np.ndarray]:
+        case = self.cases[self.rng.integers(len(self.cases))]
+        centre = case.fov_index[self.rng.integers(len(case.fov_index))]
+        fov = crop(case.fov.astype(np.float32), centre, self.patch, 0.0)
+        img = crop(case.us if domain == "us" else case.t1, centre, self.patch, -1.0)
+        img = np.where(fov > 0, img, -1.0).astype(np.float32)
+        for axis in range(3):
+            if self.rng.random() < 0.5:
+                img, fov = np.flip(img, axis), np.flip(fov, axis)
+        return np.ascontiguousarray(img), np.ascontiguousarray(fov)
+
+    def sample(self, batch: int) -> tuple[np.ndarray, ...]:
+        """``(us, us_fov, t1, t1_fov)``, each ``(batch, 1, P, P, P)`` float32."""
+        a = [self._one("us") for _ in range(batch)]
+        b = [self._one("t1") for _ in range(batch)]
+        stack = lambda xs: np.stack(xs)[:, None]  # noqa: E731
+        return stack([x[0] for x in a]), stack([x[1] for x in a]), stack([x[0] for x in b]), stack([x[1] for x in b])

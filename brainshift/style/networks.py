@@ -1,0 +1,112 @@
+"""3D CycleGAN networks: a U-Net generator and a PatchGAN discriminator.
+
+Tensors are ``(B, C, X, Y, Z)``; intensities are normalised to ``[-1, 1]`` (see
+:mod:`brainshift.style.data`), ``-1`` being "no signal / outside the iUS field of view".
+
+The generator follows the CycleGAN/pix2pix U-Net (Isola et al.) in 3D: ``depth`` down-sampling
+steps (4^3 convolution, stride 2), each halving the size, then as many transposed convolutions
+with skip connections. The paper uses 7 levels, which reduces a 128^3 patch to 1^3; the input side
+must be divisible by ``2**depth`` (a 64^3 patch allows at most 6 levels, 32^3 at most 5).
+``base`` is the width of the first level; level ``l`` has ``base * 2**l`` channels capped at
+``base * 8``, as in pix2pix.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def max_depth(patch: int) -> int:
+    """Deepest U-Net that a cubic patch of side ``patch`` allows (sizes halve down to 1)."""
+    d = 0
+    while patch % 2 == 0 and patch > 1:
+        patch //= 2
+        d += 1
+    return d
+
+
+class UNet3D(nn.Module):
+    """U-Net generator, 1 channel in, 1 channel out (tanh, range ``[-1, 1]``)."""
+
+    def __init__(self, base: int = 8, depth: int = 7, in_ch: int = 1, out_ch: int = 1, dropout: float = 0.0):
+        super().__init__()
+        if depth < 1:
+            raise ValueError("depth must be at least 1")
+        self.base, self.depth = base, depth
+        widths = [base * min(2 ** level, 8) for level in range(depth)]
+        self.down = nn.ModuleList()
+        prev = in_ch
+        for level, w in enumerate(widths):
+            layers: list[nn.Module] = []
+            if level > 0:
+                layers.append(nn.LeakyReLU(0.2, inplace=True))
+            layers.append(nn.Conv3d(prev, w, 4, stride=2, padding=1, bias=level in (0, depth - 1)))
+            if 0 < level < depth - 1:  # no norm on the first level (as pix2pix) nor on the 1^3 bottleneck
+                layers.append(nn.InstanceNorm3d(w, affine=True))
+            self.down.append(nn.Sequential(*layers))
+            prev = w
+        self.up = nn.ModuleList()
+        for level in reversed(range(depth)):
+            w_in = widths[level] if level == depth - 1 else 2 * widths[level]
+            w_out = out_ch if level == 0 else widths[level - 1]
+            layers = [nn.ReLU(inplace=True), nn.ConvTranspose3d(w_in, w_out, 4, stride=2, padding=1, bias=level == 0)]
+            if level > 0:
+                layers.append(nn.InstanceNorm3d(w_out, affine=True))
+                if dropout > 0 and level >= depth - 3:
+                    layers.append(nn.Dropout3d(dropout))
+            else:
+                layers.append(nn.Tanh())
+            self.up.append(nn.Sequential(*layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = 2 ** self.depth
+        if any(s % step for s in x.shape[2:]):
+            raise ValueError(f"input size {tuple(x.shape[2:])} must be divisible by 2**depth = {step}")
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        skips.pop()  # the bottleneck itself
+        for block in self.up:
+            x = block(x)
+            if skips:
+                x = torch.cat([x, skips.pop()], dim=1)
+        return x
+
+
+class PatchGAN3D(nn.Module):
+    """3D PatchGAN discriminator (pix2pix, `layers` strided blocks; 3 = the 70-voxel receptive field):
+    a grid of logits, one per overlapping sub-patch."""
+
+    def __init__(self, base: int = 8, layers: int = 3, in_ch: int = 1):
+        super().__init__()
+        seq: list[nn.Module] = [nn.Conv3d(in_ch, base, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+        w = base
+        for n in range(1, layers + 1):
+            w_next = base * min(2 ** n, 8)
+            stride = 2 if n < layers else 1
+            seq += [nn.Conv3d(w, w_next, 4, stride=stride, padding=1, bias=False),
+                    nn.InstanceNorm3d(w_next, affine=True), nn.LeakyReLU(0.2, inplace=True)]
+            w = w_next
+        seq.append(nn.Conv3d(w, 1, 4, stride=1, padding=1))
+        self.net = nn.Sequential(*seq)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def init_weights(net: nn.Module, gain: float = 0.02) -> nn.Module:
+    """CycleGAN's N(0, 0.02) initialisation for convolutions, N(1, 0.02) for norm scales."""
+    for m in net.modules():
+        if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+            nn.init.normal_(m.weight, 0.0, gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.InstanceNorm3d) and m.weight is not None:
+            nn.init.normal_(m.weight, 1.0, gain)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())

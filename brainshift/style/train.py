@@ -1,0 +1,311 @@
+"""Unpaired 3D CycleGAN training, iUS <-> T1 (the paper's style transfer).
+
+Domains: A = iUS (``_0000``), B = T1 (``_0001``) of every T1 case of a ReMIND2Reg-layout folder.
+Training is unpaired: each iteration draws the iUS patch and the T1 patch from independently
+chosen cases and centres (:class:`brainshift.style.data.PatchSampler`); no loss ever compares an
+iUS patch with the T1 of the same place.
+
+Loss of the generators (``G``: US->T1, ``F``: T1->US; discriminators ``D_T1``, ``D_US``)::
+
+    L = LSGAN(D_T1(G(a))) + LSGAN(D_US(F(b)))
+      + lam_cyc * (|F(G(a)) - a|_1 + |G(F(b)) - b|_1)
+      + lam_idt * (|G(b) - b|_1 + |F(a) - a|_1)
+      + lam_cor * (L_cor(a, G(a)) + L_cor(b, F(b)))         L_cor = 1 - mean(local NCC^2)
+
+all restricted to the iUS field of view (outputs are set to -1 outside it). Optimiser AdamW
+(betas 0.5, 0.999), learning rate constant for the first half of the epochs and decayed linearly
+to 0 over the second half (CycleGAN schedule).
+
+An **epoch** is ``patches_per_volume`` iterations per training volume, i.e.
+``ceil(n_volumes * patches_per_volume / batch)`` optimiser steps of ``batch`` patch pairs.
+
+Files in ``out``: ``checkpoint.pt`` (everything, every epoch; ``resume=True`` continues from it),
+``us2t1.pt`` (the US->T1 generator for :func:`brainshift.style.infer.load_style_model`),
+``loss_log.csv`` (one row per epoch), ``val_epochNNNN.png`` (iUS / synthetic T1 / T1 slices),
+``train_card.json`` (configuration, timings, final losses).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import PatchSampler, StyleCase, load_cases
+from .infer import StyleModel, save_generator, synthesize_t1
+from .losses import correlation_loss, lsgan_loss, masked_l1
+from .networks import PatchGAN3D, UNet3D, count_parameters, init_weights, max_depth
+
+LOSS_KEYS = ("g_gan", "cycle", "identity", "corr", "g_total", "d_t1", "d_us")
+
+
+@dataclass
+class StyleTrainConfig:
+    """Options of ``brainshift train-style`` (lengths in voxels)."""
+
+    data: str = ""
+    out: str = "model/style"
+    epochs: int = 400               # paper: 400
+    lr: float = 2e-4                # CycleGAN's default (the paper names AdamW, not the rate)
+    weight_decay: float = 1e-2      # AdamW default
+    patch: int = 64
+    batch: int = 1
+    base_width: int = 8
+    depth: int = 0                  # U-Net levels; 0 = min(7, deepest the patch allows) (paper: 7)
+    patches_per_volume: int = 4     # defines an epoch
+    lam_cyc: float = 10.0
+    lam_idt: float = 5.0
+    lam_cor: float = 1.0
+    cor_window: int = 9
+    val_every: int = 5              # epochs between validation PNGs (also after the last epoch)
+    max_steps: int = 0              # stop after this many optimiser steps in total (0 = no limit)
+    time_limit_min: float = 0.0     # stop at the end of the epoch that passes this (0 = no limit)
+    device: str = ""                # '' = cuda when present, else cpu
+    amp: bool = True                # bfloat16 autocast on CUDA (ignored on CPU)
+    seed: int = 0
+    threads: int = 0                # torch CPU threads (0 = leave torch's default)
+    resume: bool = False
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _lr_factor(epoch: int, epochs: int) -> float:
+    """Constant for the first half, then linear decay to 0 at the end (``epoch`` 0-based)."""
+    half = epochs // 2
+    return 1.0 if epoch < half else max(0.0, 1.0 - (epoch - half + 1) / (epochs - half + 1))
+
+
+def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    x, y = a[mask].astype(np.float64), b[mask].astype(np.float64)
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / math.sqrt((x * x).sum() * (y * y).sum() + 1e-12))
+
+
+def _validation_png(path: Path, case: StyleCase, synth: np.ndarray, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = int(np.median(case.fov_index[:, 2]))
+    us = (case.us + 1) / 2 * case.fov
+    t1 = (case.t1 + 1) / 2
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    for ax, img, name in zip(axes, (us, synth, t1), ("iUS", "synthetic T1", "T1 (not aligned)")):
+        ax.imshow(img[:, :, k].T, cmap="gray", origin="lower", vmin=0, vmax=1)
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, progress: bool = True) -> dict:
+    """Train (or resume) the CycleGAN; returns the training card (also written to ``out``).
+
+    ``cases`` overrides ``cfg.data`` (tests pass small in-memory volumes).
+    """
+    from tqdm import tqdm
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    ckpt = None
+    if cfg.resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = ckpt["config"]
+        for key in ("patch", "base_width", "depth"):  # the architecture comes from the checkpoint
+            setattr(cfg, key, saved[key])
+    if cfg.depth <= 0:
+        cfg.depth = min(7, max_depth(cfg.patch))
+    if cfg.patch % (2 ** cfg.depth):
+        raise ValueError(f"patch {cfg.patch} is not divisible by 2**depth = {2 ** cfg.depth}")
+    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    use_amp = cfg.amp and dev.type == "cuda"
+    torch.manual_seed(cfg.seed)
+
+    if cases is None:
+        cases = load_cases(cfg.data)
+    g_ab = init_weights(UNet3D(cfg.base_width, cfg.depth)).to(dev)   # US -> T1
+    g_ba = init_weights(UNet3D(cfg.base_width, cfg.depth)).to(dev)   # T1 -> US
+    d_layers = 3 if cfg.patch >= 32 else 2  # small (test) patches: one layer less, output > 1 voxel
+    d_t1 = init_weights(PatchGAN3D(cfg.base_width, d_layers)).to(dev)
+    d_us = init_weights(PatchGAN3D(cfg.base_width, d_layers)).to(dev)
+    opt_g = torch.optim.AdamW(list(g_ab.parameters()) + list(g_ba.parameters()), lr=cfg.lr,
+                              betas=(0.5, 0.999), weight_decay=cfg.weight_decay)
+    opt_d = torch.optim.AdamW(list(d_t1.parameters()) + list(d_us.parameters()), lr=cfg.lr,
+                              betas=(0.5, 0.999), weight_decay=cfg.weight_decay)
+    sampler = PatchSampler(cases, cfg.patch, seed=cfg.seed)
+    epoch, step, wall_before = 0, 0, 0.0
+    if ckpt is not None:
+        for net, key in ((g_ab, "g_us2t1"), (g_ba, "g_t12us"), (d_t1, "d_t1"), (d_us, "d_us")):
+            net.load_state_dict(ckpt[key])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        epoch, step, wall_before = ckpt["epoch"], ckpt["step"], ckpt.get("wall_s", 0.0)
+        sampler.rng.bit_generator.state = ckpt["sampler_rng"]
+        torch.set_rng_state(ckpt["torch_rng"])
+
+    steps_per_epoch = math.ceil(len(cases) * cfg.patches_per_volume / cfg.batch)
+    log_path = out / "loss_log.csv"
+    if not (cfg.resume and log_path.is_file()):
+        with open(log_path, "w", newline="") as fh:
+            csv.writer(fh).writerow(["epoch", "step", "lr", "wall_s", *LOSS_KEYS, "val_ncc_synth_t1", "val_ncc_us_t1"])
+    val_case = cases[0]
+    t_start = time.time()
+    last: dict[str, float] = {}
+    val_ncc = (float("nan"), float("nan"))  # NCC inside the FOV vs the case's own (unaligned) T1
+
+    def where_fov(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return torch.where(m > 0, x, torch.full_like(x, -1.0))
+
+    while epoch < cfg.epochs and not (cfg.max_steps and step >= cfg.max_steps):
+        factor = _lr_factor(epoch, cfg.epochs)
+        for opt in (opt_g, opt_d):
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * factor
+        sums = dict.fromkeys(LOSS_KEYS, 0.0)
+        n_steps = 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                   leave=False, dynamic_ncols=True)
+        for _ in bar:
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+            a, ma, b, mb = (torch.from_numpy(x).to(dev) for x in sampler.sample(cfg.batch))
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                fake_b = where_fov(g_ab(a), ma)
+                fake_a = where_fov(g_ba(b), mb)
+                rec_a = where_fov(g_ba(fake_b), ma)
+                rec_b = where_fov(g_ab(fake_a), mb)
+                idt_b = where_fov(g_ab(b), mb)
+                idt_a = where_fov(g_ba(a), ma)
+                for d in (d_t1, d_us):
+                    d.requires_grad_(False)
+                g_gan = lsgan_loss(d_t1(fake_b), True) + lsgan_loss(d_us(fake_a), True)
+            cycle = masked_l1(rec_a, a, ma) + masked_l1(rec_b, b, mb)
+            identity = masked_l1(idt_b, b, mb) + masked_l1(idt_a, a, ma)
+            corr = correlation_loss(a, fake_b, ma, cfg.cor_window) + correlation_loss(b, fake_a, mb, cfg.cor_window)
+            g_total = g_gan + cfg.lam_cyc * cycle + cfg.lam_idt * identity + cfg.lam_cor * corr
+            opt_g.zero_grad(set_to_none=True)
+            g_total.backward()
+            opt_g.step()
+
+            for d in (d_t1, d_us):
+                d.requires_grad_(True)
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                d_t1_loss = 0.5 * (lsgan_loss(d_t1(b), True) + lsgan_loss(d_t1(fake_b.detach()), False))
+                d_us_loss = 0.5 * (lsgan_loss(d_us(a), True) + lsgan_loss(d_us(fake_a.detach()), False))
+            opt_d.zero_grad(set_to_none=True)
+            (d_t1_loss + d_us_loss).backward()
+            opt_d.step()
+
+            values = dict(g_gan=g_gan, cycle=cycle, identity=identity, corr=corr, g_total=g_total,
+                          d_t1=d_t1_loss, d_us=d_us_loss)
+            for key, v in values.items():
+                sums[key] += float(v.detach())
+            n_steps += 1
+            step += 1
+            bar.set_postfix(g=f"{g_total.item():.3f}", cyc=f"{cycle.item():.3f}", cor=f"{corr.item():.3f}",
+                            d=f"{(d_t1_loss + d_us_loss).item():.3f}")
+        bar.close()
+        epoch += 1
+        last = {k: v / max(n_steps, 1) for k, v in sums.items()}
+        wall = wall_before + time.time() - t_start
+        out_of_time = cfg.time_limit_min and (time.time() - t_start) > 60 * cfg.time_limit_min
+        final = epoch >= cfg.epochs or out_of_time or (cfg.max_steps and step >= cfg.max_steps)
+        val_ncc = (float("nan"), float("nan"))  # logged on validation epochs only
+        if epoch % cfg.val_every == 0 or final:
+            g_ab.eval()
+            model = StyleModel(g_ab, cfg.patch)
+            synth = synthesize_t1((val_case.us + 1) / 2 * val_case.fov, model, dev)
+            g_ab.train()
+            t1 = (val_case.t1 + 1) / 2
+            val_ncc = (_ncc(synth, t1, val_case.fov), _ncc((val_case.us + 1) / 2, t1, val_case.fov))
+            _validation_png(out / f"val_epoch{epoch:04d}.png", val_case, synth,
+                            f"case {val_case.name}, epoch {epoch}, step {step}")
+        with open(log_path, "a", newline="") as fh:
+            csv.writer(fh).writerow([epoch, step, f"{cfg.lr * factor:.3g}", f"{wall:.1f}",
+                                     *(f"{last[k]:.5f}" for k in LOSS_KEYS), f"{val_ncc[0]:.4f}", f"{val_ncc[1]:.4f}"])
+        _save_atomic({"config": asdict(cfg), "epoch": epoch, "step": step, "wall_s": wall,
+                      "g_us2t1": g_ab.state_dict(), "g_t12us": g_ba.state_dict(),
+                      "d_t1": d_t1.state_dict(), "d_us": d_us.state_dict(),
+                      "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                      "sampler_rng": sampler.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                      "losses": last}, ckpt_path)
+        card = {
+            "model": "3D CycleGAN generator iUS -> T1 (U-Net, pix2pix-style, instance norm, tanh)",
+            "config": asdict(cfg), "epoch": epoch, "step": step, "steps_per_epoch": steps_per_epoch,
+            "epoch_definition": f"{cfg.patches_per_volume} random patches per training volume",
+            "n_training_volumes": len(cases), "device": str(dev), "amp": use_amp,
+            "torch_threads": torch.get_num_threads(), "wall_s": round(wall, 1),
+            "generator_parameters": count_parameters(g_ab), "final_epoch_losses": last,
+            "val_ncc_synth_vs_t1_unaligned": val_ncc[0], "val_ncc_us_vs_t1_unaligned": val_ncc[1],
+        }
+        save_generator(out / "us2t1.pt", g_ab, cfg.patch, meta={k: card[k] for k in ("epoch", "step", "wall_s")})
+        (out / "train_card.json").write_text(json.dumps(card, indent=2))
+        if out_of_time:
+            break
+    return json.loads((out / "train_card.json").read_text()) if (out / "train_card.json").is_file() else {}
+
+
+# --------------------------------------------------------------------------------------------
+# command line (``python -m brainshift.style.train``; the ``brainshift train-style`` sub-command
+# can reuse build_parser / config_from_args)
+# --------------------------------------------------------------------------------------------
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Options of ``train-style``; pass an existing (sub)parser to add them to it."""
+    d = StyleTrainConfig()
+    p = parser or argparse.ArgumentParser(prog="brainshift train-style", description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="ReMIND2Reg-layout folder (iUS _0000 + T1 _0001 per case)")
+    p.add_argument("--out", default=d.out, help="output folder (checkpoint, us2t1.pt, loss log, PNGs)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (paper: 400)")
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    p.add_argument("--patch", type=int, default=d.patch, help="cubic patch side in voxels")
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--base-width", type=int, default=d.base_width, help="channels of the first U-Net level")
+    p.add_argument("--depth", type=int, default=d.depth, help="U-Net levels (0: min(7, what the patch allows))")
+    p.add_argument("--patches-per-volume", type=int, default=d.patches_per_volume, help="defines an epoch")
+    p.add_argument("--lam-cyc", type=float, default=d.lam_cyc)
+    p.add_argument("--lam-idt", type=float, default=d.lam_idt)
+    p.add_argument("--lam-cor", type=float, default=d.lam_cor)
+    p.add_argument("--val-every", type=int, default=d.val_every, help="epochs between validation PNGs")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many steps (0: no limit)")
+    p.add_argument("--time-limit-min", type=float, default=d.time_limit_min, help="stop after this many minutes")
+    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 (default: cuda when present)")
+    p.add_argument("--no-amp", action="store_true", help="no bfloat16 autocast on CUDA")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch default)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> StyleTrainConfig:
+    return StyleTrainConfig(
+        data=args.data, out=args.out, epochs=args.epochs, lr=args.lr, patch=args.patch, batch=args.batch,
+        base_width=args.base_width, depth=args.depth, patches_per_volume=args.patches_per_volume,
+        lam_cyc=args.lam_cyc, lam_idt=args.lam_idt, lam_cor=args.lam_cor, val_every=args.val_every,
+        max_steps=args.max_steps, time_limit_min=args.time_limit_min, device=args.device, amp=not args.no_amp,
+        threads=args.threads, seed=args.seed, resume=args.resume)
+
+
+def main(argv: list[str] | None = None) -> int:
+    card = train_style(config_from_args(build_parser().parse_args(argv)))
+    print(json.dumps({k: card[k] for k in ("epoch", "step", "wall_s", "final_epoch_losses")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

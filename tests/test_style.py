@@ -1,0 +1,145 @@
+"""Style transfer: CycleGAN training/resume, patch inference, correlation loss, T2 remapping."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+from torch import nn
+
+from brainshift.style import StyleModel, StyleTrainConfig, load_style_model, synthesize_t1, t2_to_t1_like, train_style
+from brainshift.style.data import make_case, normalise
+from brainshift.style.losses import correlation_loss, local_ncc
+from brainshift.style.networks import PatchGAN3D, UNet3D, max_depth
+
+torch.set_num_threads(1)
+
+
+def _fan(shape, seed=0) -> tuple[np.ndarray, np.ndarray]:
+    """A toy iUS (smooth speckle inside a ball-shaped field of view, 0 outside) and a toy T1."""
+    rng = np.random.default_rng(seed)
+    t1 = gaussian_filter(rng.random(shape).astype(np.float32), 2) * 1000
+    grid = np.indices(shape).astype(np.float32)
+    r = np.sqrt(((grid - (np.array(shape)[:, None, None, None] - 1) / 2) ** 2).sum(0))
+    fov = r < min(shape) * 0.4
+    us = np.where(fov, 255 - t1 / 1000 * 200 + rng.random(shape) * 20 + 1, 0).astype(np.float32)
+    return us, t1
+
+
+def test_unet_depth_reaches_one_voxel_and_keeps_shape():
+    net = UNet3D(base=2, depth=7)
+    x = torch.zeros(1, 1, 128, 128, 128)
+    assert net(x).shape == x.shape
+    assert max_depth(64) == 6 and max_depth(48) == 4
+    with pytest.raises(ValueError):
+        UNet3D(base=2, depth=5)(torch.zeros(1, 1, 48, 48, 48))
+    assert PatchGAN3D(base=2)(torch.zeros(1, 1, 32, 32, 32)).shape[1] == 1
+
+
+def test_train_two_iterations_checkpoint_and_resume(tmp_path):
+    cases = [make_case(str(i), *_fan((20, 18, 16), seed=i)) for i in range(2)]
+    cfg = StyleTrainConfig(out=str(tmp_path), epochs=5, patch=16, base_width=2, patches_per_volume=1,
+                           max_steps=2, val_every=1, threads=1)
+    card = train_style(cfg, cases=cases, progress=False)
+    assert card["step"] == 2 and card["epoch"] == 1          # 2 volumes x 1 patch = 2 steps = 1 epoch
+    for name in ("checkpoint.pt", "us2t1.pt", "loss_log.csv", "train_card.json", "val_epoch0001.png"):
+        assert (tmp_path / name).is_file(), name
+    before = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["g_us2t1"]
+    cfg2 = StyleTrainConfig(out=str(tmp_path), epochs=5, patch=16, base_width=2, patches_per_volume=1,
+                            max_steps=4, val_every=1, threads=1, resume=True)
+    card2 = train_style(cfg2, cases=cases, progress=False)
+    assert card2["step"] == 4 and card2["epoch"] == 2        # the counters continue
+    rows = list(csv.DictReader(open(tmp_path / "loss_log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(np.isfinite(float(r["g_total"])) for r in rows)
+    after = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["g_us2t1"]
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # weights moved on from the resumed state
+    model = load_style_model(tmp_path / "us2t1.pt", device="cpu")
+    us, _ = _fan((20, 18, 16), seed=5)
+    synth = synthesize_t1(us, model, device="cpu")
+    assert synth.shape == us.shape and np.isfinite(synth).all()
+
+
+class _Constant(nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+        self.seen = 0
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return torch.full_like(x, self.value)
+
+
+def test_inference_shape_zero_outside_fov_and_no_seams():
+    us, _ = _fan((41, 37, 30), seed=3)
+    us[20, 18, 15] = 0.0                                       # a hole inside the fan is outside the FOV too
+    model = StyleModel(_Constant(0.3), patch=12)
+    out = synthesize_t1(us, model, device="cpu")
+    assert out.shape == us.shape and out.dtype == np.float32
+    assert np.all(out[us == 0] == 0.0)
+    assert np.allclose(out[us > 0], 0.65, atol=1e-5)           # constant in, constant out: no seams
+    assert model.net.seen > 8                                  # really several overlapping windows
+
+
+def test_inference_volume_smaller_than_patch_and_position_consistency():
+    us, _ = _fan((10, 12, 9), seed=1)
+    net = UNet3D(base=2, depth=4).eval()
+    out = synthesize_t1(us, StyleModel(net, 16), device="cpu")
+    assert out.shape == us.shape and np.all(out[us == 0] == 0) and np.all(out[us > 0] > 0)
+
+
+def test_correlation_loss_sign_insensitive():
+    rng = np.random.default_rng(0)
+    img = torch.from_numpy(gaussian_filter(rng.standard_normal((24, 24, 24)), 1.5).astype(np.float32))[None, None]
+    noise = torch.from_numpy(rng.standard_normal((24, 24, 24)).astype(np.float32))[None, None]
+    inverted = 1.0 - 3.0 * img
+    l_inv = float(correlation_loss(img, inverted))
+    l_noise = float(correlation_loss(img, noise))
+    assert l_inv < 0.05 and l_noise > 0.8 and l_inv < l_noise
+    assert float(local_ncc(img, inverted).mean()) < -0.9      # the NCC itself is signed
+    mask = torch.zeros_like(img)
+    mask[..., 4:20, 4:20, 4:20] = 1
+    assert float(correlation_loss(img, inverted, mask)) < float(correlation_loss(img, noise, mask))
+
+
+def test_normalise_range_and_background():
+    v = np.zeros((8, 8, 8), np.float32)
+    v[2:6, 2:6, 2:6] = np.arange(64).reshape(4, 4, 4) + 1
+    n = normalise(v)
+    assert n.min() >= -1 and n.max() <= 1 and np.all(n[v == 0] == -1)
+
+
+def test_t2_to_t1_like_monotone_decreasing_preserves_zeros():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(1, 4, size=(20, 20, 20))             # 1 WM, 2 GM, 3 CSF
+    labels[:3] = 0                                             # background (noise, dark in T1 and T2)
+    t1_level = np.array([0, 900, 600, 150], np.float32)[labels]
+    t2_level = np.array([0, 200, 300, 800], np.float32)[labels]
+    t2 = np.where(labels > 0, t2_level * (1 + 0.05 * rng.standard_normal(labels.shape)), 0).astype(np.float32)
+    t2[:3, :, ::2] = rng.integers(1, 10, size=t2[:3, :, ::2].shape)  # dark non-zero background stays dark
+    brain = labels > 0
+    for ref in (None, np.linspace(50, 1000, 101)):
+        out = t2_to_t1_like(t2, reference=ref)
+        assert out.shape == t2.shape and np.all(out[~brain] == 0)
+        order = np.argsort(t2[brain], kind="stable")
+        assert np.all(np.diff(out[brain][order]) <= 1e-6)       # monotone non-increasing in T2
+        assert out[brain].max() > out[brain].min()
+        assert np.corrcoef(out[brain], t1_level[brain])[0, 1] > 0.8   # T1-like tissue order
+    mask = np.zeros_like(brain)
+    mask[5:15] = True
+    out = t2_to_t1_like(t2, mask=mask)
+    assert np.all(out[~mask] == 0)
+
+
+def test_shipped_model_loads_and_runs():
+    try:
+        model = load_style_model(device="cpu")
+    except FileNotFoundError:
+        pytest.skip("no shipped style model")
+    assert model.patch % (2 ** model.net.depth) == 0
+    us, _ = _fan((40, 40, 40), seed=7)
+    out = synthesize_t1(us, model, device="cpu")
+    assert out.shape == us.shape and np.all(out[us == 0] == 0) and 0 <= out.min() and out.max() <= 1
