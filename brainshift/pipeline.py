@@ -20,7 +20,7 @@ from .io import Case, InputError, Volume, load_volume
 from .niftyreg import NiftyRegError
 
 METHODS = ("brainshift", "niftyreg-rigid", "identity")
-STAGES = ("affine",)
+STAGES = ("style", "affine", "deform")
 
 
 @dataclass
@@ -33,14 +33,21 @@ class Result:
 
 
 def register(fixed: Volume, moving: Volume, method: str = "brainshift", stages: tuple[str, ...] = STAGES,
+             modality: str = "t1", refine: bool = False, regularisation: float = 0.5,
              threads: int | None = None, fixed_mask: np.ndarray | None = None) -> Result:
     """Register the moving MR to the fixed iUS; return the pull field and a per-stage record.
 
     * ``identity``: the zero field (the images' own alignment).
     * ``niftyreg-rigid``: the official ReMIND2Reg NiftyReg baseline, rigid (reg_aladin).
     * ``brainshift``: this project's stages, in order, each switchable through ``stages``:
-      ``affine`` (block matching with a per-case LTS share chosen by SSC-MSE, guarded).
-    ``fixed_mask``: the iUS field of view on the fixed grid (default: ``fixed > 0``).
+      ``style`` (iUS -> synthetic T1; a T2 moving image is mapped to a T1-like contrast),
+      ``affine`` (block matching, LTS share chosen per case by SSC-MSE, guarded; with ``style`` it
+      runs on both the synthetic T1 and the raw iUS and keeps the result whose resampled MR has
+      the lower SSC-MSE against the raw iUS), ``deform`` (SynthMorph inside the iUS field of view,
+      optional instance ``refine``ment, kept only if the guard accepts it).
+
+    ``modality``: 't1', 't2' or 'mr' (moving contrast). ``fixed_mask``: the iUS field of view on the
+    fixed grid (default ``fixed > 0``). ``stage_outputs['fields']`` holds the field after each stage.
     """
     t0 = time.perf_counter()
     record: dict = {"method": method, "stages": {}}
@@ -57,23 +64,66 @@ def register(fixed: Volume, moving: Volume, method: str = "brainshift", stages: 
         unknown = set(stages) - set(STAGES)
         if unknown:
             raise ValueError(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
-        mask = fixed.data > 0 if fixed_mask is None else fixed_mask.astype(bool)
-        matrix = np.eye(4)
-        if "affine" in stages:
-            from .affine import affine_stage
-
-            res = affine_stage(fixed, moving, mask, threads=threads)
-            matrix = res.matrix
-            record["stages"]["affine"] = {
-                "matrix": matrix.tolist(), "share": res.share, "kept": res.kept, "ssc_identity": res.ssc_identity,
-                "ssc_final": res.ssc_final, "curve": res.curve, "seconds": res.seconds,
-                "aladin_seconds": res.aladin_seconds, "notes": res.notes}
-            outputs["affine"] = res
-        disp = fields.matrix_to_field(matrix, fixed.affine, moving.affine, fixed.shape)
+        disp = _brainshift(fixed, moving, stages, modality, refine, regularisation, threads,
+                           fixed.data > 0 if fixed_mask is None else fixed_mask.astype(bool), record, outputs)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     record["seconds"] = time.perf_counter() - t0
     return Result(disp, record, outputs)
+
+
+def _brainshift(fixed: Volume, moving: Volume, stages: tuple[str, ...], modality: str, refine: bool,
+                regularisation: float, threads: int | None, mask: np.ndarray, record: dict,
+                outputs: dict) -> np.ndarray:
+    """The stages of the ``brainshift`` method; fills ``record['stages']`` and ``outputs``."""
+    steps = outputs.setdefault("fields", {})
+    candidates = {"ius": fixed}          # fixed images the registration may use
+    moving_reg = moving                  # the moving image as the registration sees it
+    if "style" in stages:
+        from .style import synthesize_t1, t2_to_t1_like
+
+        t = time.perf_counter()
+        candidates = {"synthetic_t1": fixed.like(synthesize_t1(fixed.data)), "ius": fixed}
+        if modality == "t2":
+            moving_reg = moving.like(t2_to_t1_like(moving.data))
+        record["stages"]["style"] = {"seconds": time.perf_counter() - t, "t2_remapped": modality == "t2"}
+    chosen = next(iter(candidates))
+    matrix = np.eye(4)
+    if "affine" in stages:
+        from .affine import affine_stage, resample
+        from .ssc import ssc_mse
+
+        t = time.perf_counter()
+        results = {name: affine_stage(img, moving_reg, mask, threads=threads) for name, img in candidates.items()}
+        # SSC is modality independent: judge every candidate against the raw iUS
+        vs_ius = {name: ssc_mse(fixed.data, resample(moving_reg, r.matrix, fixed.affine, fixed.shape), mask)
+                  for name, r in results.items()} if len(results) > 1 else {}
+        chosen = min(vs_ius, key=vs_ius.get) if vs_ius else chosen
+        res = results[chosen]
+        matrix = res.matrix
+        outputs["affine"] = res
+        record["stages"]["affine"] = {
+            "fixed_image": chosen, "ssc_vs_ius": vs_ius, "matrix": matrix.tolist(), "share": res.share,
+            "kept": res.kept, "ssc_identity": res.ssc_identity, "ssc_final": res.ssc_final, "curve": res.curve,
+            "aladin_seconds": res.aladin_seconds, "notes": res.notes, "seconds": time.perf_counter() - t}
+    disp = fields.matrix_to_field(matrix, fixed.affine, moving.affine, fixed.shape)
+    steps["affine"] = disp
+    if "deform" in stages:
+        from .deform import guard, predict_field, refine_field
+
+        t = time.perf_counter()
+        fixed_reg = candidates[chosen].data
+        aligned = fields.warp(moving_reg.data, disp)  # the MR after the affine stage, on the fixed grid
+        local = predict_field(fixed_reg, aligned, mask, regularisation=regularisation)
+        if refine:
+            local = refine_field(fixed_reg, aligned, mask, init=local)
+        decision = guard(fixed_reg, aligned, mask, local, fixed.spacing)
+        if decision.kept:
+            disp = fields.compose(local, disp)
+        steps["deform"] = disp
+        record["stages"]["deform"] = {**decision.as_dict(), "refine": refine, "regularisation": regularisation,
+                                      "seconds": time.perf_counter() - t}
+    return disp
 
 
 def check_inputs(fixed: Volume, moving: Volume, case: Case) -> None:
@@ -85,7 +135,7 @@ def check_inputs(fixed: Volume, moving: Volume, case: Case) -> None:
 
 
 def run_case(case: Case, out_dir: str | os.PathLike, method: str = "brainshift", stages: tuple[str, ...] = STAGES,
-             threads: int | None = None, qc: bool = False) -> dict:
+             refine: bool = False, threads: int | None = None, qc: bool = False) -> dict:
     """Load one pair, register it, write ``out_dir/case.output_name`` atomically; return the record.
 
     With ``qc``, per-stage diagnostics go to ``out_dir/qc/`` (the SSC-MSE curve of the affine stage
@@ -95,7 +145,8 @@ def run_case(case: Case, out_dir: str | os.PathLike, method: str = "brainshift",
     moving = load_volume(case.moving)
     fixed_mask = load_volume(case.fixed_mask).data > 0 if case.fixed_mask is not None else None
     check_inputs(fixed, moving, case)
-    result = register(fixed, moving, method=method, stages=stages, threads=threads, fixed_mask=fixed_mask)
+    result = register(fixed, moving, method=method, stages=stages, modality=case.modality, refine=refine,
+                      threads=threads, fixed_mask=fixed_mask)
     path = fields.write_field(Path(out_dir) / case.output_name, result.disp, moving.affine)
     record = {**result.record, "case": case.pair_name, "field": str(path)}
     if qc:
@@ -130,8 +181,8 @@ def check_writable(out_dir: str | os.PathLike) -> None:
 
 
 def run_cases(cases: list[Case], out_dir: str | os.PathLike, method: str = "brainshift",
-              stages: tuple[str, ...] = STAGES, threads: int | None = None, qc: bool = False,
-              progress: bool = True) -> tuple[list[dict], list[str]]:
+              stages: tuple[str, ...] = STAGES, refine: bool = False, threads: int | None = None,
+              qc: bool = False, progress: bool = True) -> tuple[list[dict], list[str]]:
     """Run every case; one failing case never stops the others. Returns (records, error lines)."""
     from tqdm import tqdm
 
@@ -139,7 +190,7 @@ def run_cases(cases: list[Case], out_dir: str | os.PathLike, method: str = "brai
     records, errors = [], []
     for case in tqdm(cases, desc=method, unit="pair", disable=not progress):
         try:
-            records.append(run_case(case, out_dir, method=method, stages=stages, threads=threads, qc=qc))
+            records.append(run_case(case, out_dir, method=method, stages=stages, refine=refine, threads=threads, qc=qc))
         except (InputError, NiftyRegError, ValueError) as exc:
             errors.append(f"{case.pair_name}: {exc}")
     return records, errors
