@@ -235,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "the iUS field of view; checkpoints every epoch, --resume, loss log, validation PNGs.")
     style_train_parser(ts)
     ts.set_defaults(func=cmd_train_style)
+
+    from .synthmorph_train import build_parser as synthmorph_parser, run as train_synthmorph
+
+    tm = sub.add_parser("train-synthmorph", help="train the SynthMorph deformable model on synthetic label maps",
+                        description="SynthMorph recipe: random label maps -> random-contrast images -> random SVF "
+                        "deformations; Dice on warped one-hot labels + lambda * gradient penalty; AdamW, AMP on "
+                        "CUDA, checkpoints, --resume, loss log, model card.")
+    synthmorph_parser(tm)
+    tm.set_defaults(func=train_synthmorph)
     return p
 
 

@@ -1,0 +1,174 @@
+"""Deformable stage: synthetic generator, training loop, SynthMorph inference, refinement, guard."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from brainshift import deform, fields, metrics
+from brainshift import synthmorph_train as st
+
+torch.set_num_threads(1)
+
+
+def smooth_pair(n: int = 40, seed: int = 0, amp: float = 3.0):
+    """(fixed, moving, mask, truth): fixed = moving warped by a known smooth voxel pull field."""
+    rng = np.random.default_rng(seed)
+    moving = gaussian_filter(rng.standard_normal((n,) * 3).astype(np.float32), 2.0)
+    moving = (moving - moving.min()) / (moving.max() - moving.min())
+    x = np.stack(np.meshgrid(*[np.linspace(0, np.pi, n)] * 3, indexing="ij"), -1)
+    truth = np.zeros((n,) * 3 + (3,), np.float32)
+    for c in range(3):
+        truth[..., c] = amp * np.sin(x[..., (c + 1) % 3] + c) * np.sin(x[..., c])
+    fixed = fields.warp(moving, truth)
+    mask = np.zeros((n,) * 3, bool)
+    mask[6:-6, 6:-6, 6:-6] = True
+    return fixed, moving, mask, truth
+
+
+def epe(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b, axis=-1)[mask].mean())
+
+
+# ---------------------------------------------------------------------------------------- generator
+def test_generator_is_deterministic_per_seed():
+    cfg = st.GeneratorConfig(shape=16, n_labels=8)
+    a, b, c = st.generate_pair(3, cfg), st.generate_pair(3, cfg), st.generate_pair(4, cfg)
+    assert set(a) == {"fixed", "moving", "fixed_labels", "moving_labels", "truth"}
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(a["fixed"], c["fixed"])
+    assert not torch.equal(a["moving_labels"], c["moving_labels"])
+    assert a["fixed"].shape == (1, 1, 16, 16, 16) and float(a["fixed"].min()) >= 0 and float(a["fixed"].max()) <= 1
+
+
+def test_generator_truth_field_aligns_the_labels():
+    """The returned true pull field maps the moving labels onto the fixed ones better than identity."""
+    cfg = st.GeneratorConfig(shape=24, n_labels=8, svf_std_max=4.0)
+    p = st.generate_pair(11, cfg)
+    before = st.hard_dice(p["fixed_labels"], p["moving_labels"], None, 8)
+    after = st.hard_dice(p["fixed_labels"], p["moving_labels"], p["truth"], 8)
+    assert after > before + 0.05
+
+
+# ---------------------------------------------------------------------------------------- training
+def test_training_runs_checkpoints_and_resumes(tmp_path):
+    cfg = st.TrainConfig(out=str(tmp_path), iterations=2, threads=1, checkpoint_every=1, val_every=0, val_pairs=1,
+                         generator=st.GeneratorConfig(shape=16, n_labels=4), net=st.NetConfig(nb_features=(4, 8, 8)))
+    card = st.train(cfg, progress=False)
+    stem = st.model_stem(cfg.lam)
+    ck = torch.load(tmp_path / f"{stem}.ckpt.pt", weights_only=False)
+    assert ck["iteration"] == 2
+    assert (tmp_path / f"{stem}.pt").is_file()
+    assert json.loads((tmp_path / f"{stem}.json").read_text())["iterations"] == 2 == card["iterations"]
+    first = ck["model"]["flow_layer.conv0.weight"].clone()
+
+    cfg.iterations, cfg.resume = 3, True
+    st.train(cfg, progress=False)
+    ck = torch.load(tmp_path / f"{stem}.ckpt.pt", weights_only=False)
+    assert ck["iteration"] == 3
+    assert not torch.equal(first, ck["model"]["flow_layer.conv0.weight"])   # it trained on from there
+    rows = (tmp_path / f"{stem}.log.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]              # the log was continued
+
+    # the weights load for inference and give a zero field outside the crop
+    model = deform.load_model(tmp_path)
+    fixed, moving, mask, _ = smooth_pair(24, amp=1.0)
+    mask[:] = False
+    mask[8:16, 8:16, 8:16] = True
+    disp = deform.predict_field(fixed, moving, mask, model=model, margin_vox=2)
+    assert disp.shape == (24, 24, 24, 3) and disp.dtype == np.float32
+    assert np.all(disp[:5] == 0) and np.all(disp[:, 19:] == 0)
+
+
+# ---------------------------------------------------------------------------------------- geometry
+def test_taper_is_one_on_the_mask_box_and_zero_at_the_margin_faces():
+    mask = np.zeros((30, 30, 30), bool)
+    mask[10:18, 0:12, 12:20] = True
+    crop = deform.mask_crop(mask, margin_vox=4)
+    w = deform.taper(crop)
+    full = deform._insert(np.repeat(w[..., None], 3, -1), crop)[..., 0]
+    assert np.allclose(full[10:18, 0:12, 12:20], 1.0)
+    assert np.all(full[:6] == 0) and np.all(full[22:] == 0) and np.all(full[:, 16:] == 0)
+    assert full[8, 5, 15] > 0 and full[8, 5, 15] < 1           # inside the margin: tapered
+
+
+class _ConstantVelocity(torch.nn.Module):
+    """Stub network: a constant SVF of ``v`` working voxels along axis 0."""
+
+    def __init__(self, v: float):
+        super().__init__()
+        self.v = v
+
+    def forward(self, moving, fixed, return_field_type="displacement"):
+        out = torch.zeros((1, 3) + tuple(moving.shape[2:]))
+        out[:, 0] = self.v
+        return out
+
+
+def test_predicted_vectors_are_rescaled_to_fixed_voxels_and_zero_outside_the_crop():
+    """A constant working-grid velocity of 1 voxel becomes (crop-1)/(n-1) fixed voxels on the mask box."""
+    n_work, grid = 16, (60, 50, 40)
+    model = deform.SynthMorphModel(net=_ConstantVelocity(1.0), shape=n_work, lam=0.5, device=torch.device("cpu"),
+                                   path=deform.model_dir() / "synthmorph" / "stub.pt", card={})
+    mask = np.zeros(grid, bool)
+    mask[20:40, 15:35, 12:28] = True
+    img = np.random.default_rng(0).random(grid).astype(np.float32)
+    disp = deform.predict_field(img, img, mask, model=model, margin_vox=6)
+    crop = deform.mask_crop(mask, 6)
+    expected = (crop.size - 1) / (n_work - 1)
+    inner = disp[24:36, 19:31, 16:24]
+    assert np.allclose(inner[..., 0], expected, atol=0.05 * expected)
+    assert np.allclose(inner[..., 1:], 0, atol=1e-3)
+    outside = np.ones(grid, bool)
+    outside[14:46, 9:41, 6:34] = False
+    assert np.all(disp[outside] == 0)
+    assert metrics.jacobian_stats(disp)["folds"] == 0     # the tapered velocity stays diffeomorphic
+
+
+# ---------------------------------------------------------------------------------------- recovery
+def test_refinement_recovers_a_known_smooth_deformation():
+    fixed, moving, mask, truth = smooth_pair()
+    refined = deform.refine_field(fixed, moving, mask, np.zeros_like(truth), iterations=30, alpha=0.1, margin_vox=4)
+    assert epe(refined, truth, mask) < 0.4 * epe(np.zeros_like(truth), truth, mask)
+    assert metrics.jacobian_stats(refined)["folds"] == 0
+
+
+@pytest.mark.skipif(not deform.available_models(), reason="no shipped SynthMorph weights")
+def test_shipped_model_then_refinement_recovers_a_known_smooth_deformation():
+    """Shipped network (no worse than identity, diffeomorphic) followed by refinement: recovered."""
+    fixed, moving, mask, truth = smooth_pair(40, amp=3.0)
+    disp = deform.predict_field(fixed, moving, mask, model=deform.load_model(device="cpu"), margin_vox=4)
+    identity = epe(np.zeros_like(truth), truth, mask)
+    assert epe(disp, truth, mask) <= 1.05 * identity
+    assert metrics.jacobian_stats(disp)["folds"] == 0
+    refined = deform.refine_field(fixed, moving, mask, disp, iterations=30, alpha=0.1, margin_vox=4)
+    assert epe(refined, truth, mask) < 0.4 * identity
+
+
+# ---------------------------------------------------------------------------------------- guard
+def test_guard_accepts_a_good_field_and_rejects_bad_ones():
+    fixed, moving, mask, truth = smooth_pair()
+    good = deform.guard(fixed, moving, mask, truth, spacing_mm=1.0)
+    assert good.kept and good.folds == 0 and good.ssc_after < good.ssc_before, good.reason
+
+    # planted fold: a strong, sharp local swirl-free compression that flips the Jacobian's sign
+    folding = truth.copy()
+    g = np.zeros((40,) * 3, np.float32)
+    g[20, 20, 20] = 1
+    bump = gaussian_filter(g, 1.5)
+    bump /= bump.max()
+    x = np.arange(40, dtype=np.float32)
+    folding[..., 0] -= 6.0 * bump * np.sign(x - 20)[:, None, None]
+    bad = deform.guard(fixed, moving, mask, folding, spacing_mm=1.0)
+    assert not bad.kept and bad.folds > 0 and "folded" in bad.reason
+
+    huge = truth + np.float32(30.0)          # a 30-voxel (30 mm) shift: implausible
+    big = deform.guard(fixed, moving, mask, huge, spacing_mm=1.0)
+    assert not big.kept and big.max_disp_mm > 30 and "max displacement" in big.reason
+
+    nothing = deform.guard(fixed, moving, mask, np.zeros_like(truth), spacing_mm=1.0)
+    assert not nothing.kept and "does not improve" in nothing.reason
