@@ -193,4 +193,6 @@ def run_cases(cases: list[Case], out_dir: str | os.PathLike, method: str = "brai
             records.append(run_case(case, out_dir, method=method, stages=stages, refine=refine, threads=threads, qc=qc))
         except (InputError, NiftyRegError, ValueError) as exc:
             errors.append(f"{case.pair_name}: {exc}")
+        except Exception as exc:  # an unexpected failure in one case must not stop the others
+            errors.append(f"{case.pair_name}: {case.moving}: {type(exc).__name__}: {exc}")
     return records, errors
