@@ -2,19 +2,21 @@
 
 All matrices: NiftyReg convention, fixed (iUS) world -> moving (MR) world, RAS mm.
 
-:func:`affine_stage` is the paper's affine stage (reg_aladin, 1 mm then 0.5 mm, 4-voxel blocks,
-``-pv 25``, masks from the iUS field of view; symmetric, rigid, header initialisation as measured
-best, see :data:`STAGE_OPTIONS`) with the LTS inlier
-share ``-pi`` chosen per case by the SSC-MSE between the fixed image and the resampled moving image
-inside the field of view, plus what the paper lacks: failed or degenerate candidates are rejected
-and the identity is kept whenever no candidate beats it on SSC-MSE.
+:func:`affine_stage` is the paper's affine stage (reg_aladin, 4-voxel blocks, ``-pv 25``, masks
+from the iUS field of view; symmetric, 12 dof, header initialisation as measured best, see
+:data:`STAGE_OPTIONS`) with the LTS inlier share ``-pi`` chosen per case by the SSC-MSE between the
+fixed image and the resampled moving image inside the field of view, plus what the paper lacks:
+failed or degenerate candidates (scaling, translation, field of view lost) are rejected and the
+identity is kept whenever no candidate beats it on SSC-MSE.
 
 How the grid fits the time budget: the grid of shares is searched at the coarse level only
 (both images mean-pooled by 2, i.e. 1 mm for 0.5 mm data, ``-ln 1``), the runs of the grid in
 parallel processes (one OpenMP thread each: with several processes on 2 cores ``-omp 2`` was
 slower, not faster). With ``refine=True`` the best share is then re-run at full resolution
 (``-ln 1`` from the coarse matrix), which makes the paper's two levels (1 mm then 0.5 mm); it is
-off by default because that one 0.5 mm run costs more than the whole budget at 256^3.
+off by default: at 256^3 on 2 cores that one 0.5 mm run cost 35-90 s (non-symmetric, rigid or
+12-dof ``-affDirect``; 226 s rigid-then-affine) and did not pay off on the simulated cases: TRE rose in 4 of 5 tries and fell 0.02 mm in the
+fifth (the 226 s one).
 SSC-MSE is evaluated on the coarse grid.
 """
 from __future__ import annotations
@@ -41,19 +43,26 @@ from .niftyreg import AladinOptions, NiftyRegError, _run, binary, reg_aladin
 OFFICIAL_RIGID = AladinOptions(rigid_only=True, symmetric=False, header_init=True, levels=2, levels_to_perform=2)
 
 #: reg_aladin settings of :func:`affine_stage` for one level (the level count is set per run):
-#: 25% highest-variance blocks (NiftyReg's blocks are always 4 voxels), symmetric, rigid only,
-#: header initialisation. Measured on simulated cases (see the stage's report):
+#: 25% highest-variance blocks (NiftyReg's blocks are always 4 voxels), symmetric, 12 dof
+#: optimised directly (``-affDirect``), header initialisation. Measured on 5 simulated 256^3
+#: cases (2 cores, see the stage's report to issue 4):
 #: * image-centre (the paper) and header initialisation give bit-identical matrices whenever the
 #:   two images share one grid (all ReMIND2Reg cases); where grids differ, the headers carry the
 #:   navigation's alignment while the centres of differently cropped volumes need not match, so
 #:   the header is kept (``-nac``).
-#: * symmetric beats non-symmetric (with the iUS fan as floating mask, see :func:`fov_on_moving`);
-#:   rigid-then-affine was only ~0.05 mm better than rigid-only on TRE but 4x slower, which does
-#:   not fit the 90 s budget at 256^3, so rigid only.
-STAGE_OPTIONS = AladinOptions(rigid_only=True, symmetric=True, header_init=True, levels=1, percent_blocks=25)
+#: * 12 dof beats rigid at the 1 mm level (it absorbs part of the gravity sinking): with the
+#:   share chosen by SSC-MSE, mean TRE below the official rigid baseline, where the former
+#:   symmetric rigid grid only tied it. ``-affDirect`` skips reg_aladin's rigid pass, so a run
+#:   costs about the same as a symmetric rigid one (~9 s at 128^3 on one thread), whereas
+#:   rigid-then-affine at 0.5 mm took minutes.
+#: * symmetric, with the iUS fan as floating mask (see :func:`fov_on_moving`).
+STAGE_OPTIONS = AladinOptions(rigid_only=False, symmetric=True, header_init=True, levels=1, percent_blocks=25,
+                              extra=("-affDirect",))
 
-#: LTS inlier shares (``-pi``, percent) searched per case.
-DEFAULT_SHARES: tuple[float, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+#: LTS inlier shares (``-pi``, percent) searched per case: the SSC-MSE curve over shares is flat
+#: within a few 1e-4, so a dense grid mostly adds time and chances to pick on noise; three shares
+#: run in two rounds of 2 parallel processes.
+DEFAULT_SHARES: tuple[float, ...] = (30, 50, 70)
 
 #: Sanity limits for a candidate matrix.
 SCALE_RANGE = (0.8, 1.25)       # det and every singular value of the linear part
@@ -232,8 +241,8 @@ def affine_stage(fixed: Volume, moving: Volume, fixed_mask: np.ndarray | None = 
     ``coarse_factor``: pooling of the grid level (default :func:`coarse_factor_for`: the grid runs at
     about 1 mm, i.e. 2 for 0.5 mm data, 1 for data at 1 mm or coarser); when it is above 1 and
     ``refine`` is set, the best share is re-run at full resolution (0.5 mm) from the coarse matrix
-    and kept if its SSC-MSE is lower. Off by default: on a simulated 256^3 case that level alone
-    took ~100 s on 2 cores (over the 90 s budget) and was not kept by SSC-MSE.
+    and kept if its SSC-MSE is lower. Off by default: on simulated 256^3 cases that 0.5 mm level
+    cost 35-230 s on 2 cores and did not lower TRE (e.g. 2.66 -> 2.81 mm with 12 dof, non-symmetric).
 
     Returns an :class:`AffineResult` whose ``matrix`` (fixed world -> moving world, RAS mm) has an
     SSC-MSE no worse than the identity's; rejected candidates and the reasons are in ``notes``.

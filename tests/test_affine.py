@@ -115,6 +115,14 @@ def test_official_rigid_settings_unchanged():
     assert OFFICIAL_RIGID.args() == ["-rigOnly", "-noSym", "-ln", "2", "-lp", "2", "-nac"]
 
 
+def test_stage_defaults_are_the_measured_ones():
+    """Issue 4 measurements: symmetric 12-dof (-affDirect) at 1 mm, -pv 25, shares 30/50/70."""
+    args = aff.STAGE_OPTIONS.args()
+    assert "-rigOnly" not in args and "-noSym" not in args and "-affDirect" in args and "-nac" in args
+    assert args[args.index("-pv") + 1] == "25"
+    assert tuple(aff.DEFAULT_SHARES) == (30, 50, 70)
+
+
 # ----------------------------------------------------------------------------------------------
 # the stage
 # ----------------------------------------------------------------------------------------------
