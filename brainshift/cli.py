@@ -178,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "rigid baseline; identity: zero field")
     r.add_argument("--stages", type=_stages, default=STAGES, metavar="S[,S]",
                    help=f"brainshift stages to run, comma separated, from {','.join(STAGES)} (default: all)")
-    r.add_argument("--refine", action="store_true",
-                   help="after SynthMorph, optimise the field on the pair itself (SSC + diffusion, Adam)")
+    r.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
+                   help="after SynthMorph, optimise the field on the pair itself (SSC + diffusion, Adam); "
+                   "on by default, --no-refine to skip")
     r.add_argument("--qc", action="store_true", help="also write per-case diagnostics (curves, records) to OUTPUT/qc/")
     r.add_argument("--modality", choices=("t1", "t2", "both"), default="both",
                    help="which moving MR to register: _0001 ceT1, _0002 T2, or both (default)")
