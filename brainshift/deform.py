@@ -410,11 +410,12 @@ def guard(fixed: np.ndarray, moving_aligned: np.ndarray, mask: np.ndarray, field
     ``field``: voxel pull field on the fixed grid; ``spacing_mm``: fixed voxel size (3,).
     """
     from .fields import warp
+    from .metrics import jacobian_determinant
     from .ssc import ssc_mse
 
     mask = np.asarray(mask, dtype=bool)
     spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
-    jac = _jacobian(field)
+    jac = jacobian_determinant(field)
     folds = int((jac <= 0).sum())
     inner = mask[2:-2, 2:-2, 2:-2]
     jm = jac[inner] if inner.any() else jac.ravel()
@@ -443,13 +444,6 @@ def guard(fixed: np.ndarray, moving_aligned: np.ndarray, mask: np.ndarray, field
                   f"SDlogJ {sdlogj:.3f}, max {max_mm:.1f} mm")
     return GuardDecision(kept=not problems, reason=reason, ssc_before=ssc_before, ssc_after=ssc_after,
                          sdlogj=sdlogj, folds=folds, max_disp_mm=max_mm)
-
-
-def _jacobian(field: np.ndarray) -> np.ndarray:
-    """Jacobian determinant on the interior [2:-2]^3 (brainshift.metrics' official stencil)."""
-    from .metrics import jacobian_determinant
-
-    return jacobian_determinant(field)
 
 
 def card(path: Path | None = None) -> dict:
