@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from . import ssc
 from .fields import voxel_matrix
 from .io import Volume, save_volume
-from .niftyreg import AladinOptions, NiftyRegError, _run, binary, reg_aladin
+from .niftyreg import AladinOptions, NiftyRegError, reg_aladin, run_aladin
 
 #: The ReMIND2Reg organisers' NiftyReg baseline, restricted to a rigid transform: masks from
 #: image > 0, no symmetric version, header initialisation (the images share one grid), 2 levels.
@@ -203,21 +203,10 @@ class _Aladin:
 
     def run(self, options: AladinOptions, name: str, init: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         """World matrix and seconds spent in reg_aladin; raises NiftyRegError on failure."""
-        aff = self.folder / f"aff_{self.tag}_{name}.txt"
-        cmd = [binary("reg_aladin"), "-ref", str(self.ref), "-flo", str(self.flo), "-aff", str(aff),
-               "-res", str(self.folder / f"res_{self.tag}_{name}.nii"), "-rmask", str(self.rmask), "-voff"]
-        if options.symmetric:
-            cmd += ["-fmask", str(self.fmask)]
-        if init is not None:
-            np.savetxt(self.folder / f"init_{self.tag}_{name}.txt", init)
-            cmd += ["-inaff", str(self.folder / f"init_{self.tag}_{name}.txt")]
         t0 = time.perf_counter()
-        _run(cmd + options.args())
-        seconds = time.perf_counter() - t0
-        matrix = np.loadtxt(aff)
-        if matrix.shape != (4, 4):
-            raise NiftyRegError(f"reg_aladin wrote a {matrix.shape} matrix")
-        return matrix, seconds
+        matrix = run_aladin(self.ref, self.flo, self.folder / f"aff_{self.tag}_{name}.txt", options, self.rmask,
+                            self.fmask if options.symmetric else None, init)
+        return matrix, time.perf_counter() - t0
 
 
 def _cpu_count() -> int:

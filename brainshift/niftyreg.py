@@ -91,6 +91,30 @@ def _run(cmd: list[str]) -> str:
     return proc.stdout
 
 
+def run_aladin(ref: Path, flo: Path, aff: Path, options: AladinOptions, rmask: Path | None = None,
+               fmask: Path | None = None, init: np.ndarray | None = None) -> np.ndarray:
+    """reg_aladin on images already written (``ref`` = fixed, ``flo`` = moving); the matrix goes to ``aff``.
+
+    For callers that run many registrations on the same images (the affine stage's grid). ``init``
+    is a starting world matrix (``-inaff``). Returns the 4x4 world matrix, fixed -> moving.
+    """
+    cmd = [binary("reg_aladin"), "-ref", str(ref), "-flo", str(flo), "-aff", str(aff),
+           "-res", str(aff.with_suffix(".res.nii")), "-voff"]
+    if rmask is not None:
+        cmd += ["-rmask", str(rmask)]
+    if fmask is not None:
+        cmd += ["-fmask", str(fmask)]
+    if init is not None:
+        init_path = aff.with_suffix(".init.txt")
+        np.savetxt(init_path, np.asarray(init, dtype=np.float64))
+        cmd += ["-inaff", str(init_path)]
+    _run(cmd + options.args())
+    matrix = np.loadtxt(aff)
+    if matrix.shape != (4, 4):
+        raise NiftyRegError(f"reg_aladin wrote a {matrix.shape} matrix")
+    return matrix
+
+
 def reg_aladin(fixed: Volume, moving: Volume, options: AladinOptions,
                fixed_mask: np.ndarray | None = None, moving_mask: np.ndarray | None = None,
                init: np.ndarray | None = None) -> np.ndarray:
@@ -101,19 +125,14 @@ def reg_aladin(fixed: Volume, moving: Volume, options: AladinOptions,
     """
     with tempfile.TemporaryDirectory(prefix="brainshift_aladin_") as tmp:
         t = Path(tmp)
-        cmd = [binary("reg_aladin"), "-ref", str(save_volume(t / "ref.nii.gz", fixed)),
-               "-flo", str(save_volume(t / "flo.nii.gz", moving)), "-aff", str(t / "aff.txt"),
-               "-res", str(t / "res.nii.gz")]
+        rmask = fmask = None
         if fixed_mask is not None:
-            cmd += ["-rmask", str(save_volume(t / "rmask.nii.gz", fixed.like(fixed_mask.astype(np.float32))))]
+            rmask = save_volume(t / "rmask.nii.gz", fixed.like(fixed_mask.astype(np.float32)))
         if moving_mask is not None:
-            cmd += ["-fmask", str(save_volume(t / "fmask.nii.gz", moving.like(moving_mask.astype(np.float32))))]
-        if init is not None:
-            np.savetxt(t / "init.txt", np.asarray(init, dtype=np.float64))
-            cmd += ["-inaff", str(t / "init.txt")]
-        _run(cmd + options.args())
-        matrix = np.loadtxt(t / "aff.txt")
-    if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
+            fmask = save_volume(t / "fmask.nii.gz", moving.like(moving_mask.astype(np.float32)))
+        matrix = run_aladin(save_volume(t / "ref.nii.gz", fixed), save_volume(t / "flo.nii.gz", moving),
+                            t / "aff.txt", options, rmask, fmask, init)
+    if not np.isfinite(matrix).all():
         raise NiftyRegError(f"reg_aladin returned an invalid matrix: {matrix!r}")
     return matrix
 
