@@ -140,11 +140,17 @@ def cmd_style(args: argparse.Namespace) -> int:
 
 
 def cmd_train_style(args: argparse.Namespace) -> int:
-    from .style.train import config_from_args, train_style
+    from .style.train import build_parser as trainer_parser, config_from_args, train_style
 
-    summary = train_style(config_from_args(args), progress=True)
+    summary = train_style(config_from_args(trainer_parser().parse_args(args.trainer_args)), progress=True)
     print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def cmd_train_synthmorph(args: argparse.Namespace) -> int:
+    from .synthmorph_train import main as trainer_main
+
+    return trainer_main(args.trainer_args)
 
 
 def _stages(text: str) -> tuple[str, ...]:
@@ -229,27 +235,31 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     st.set_defaults(func=cmd_style)
 
-    from .style.train import build_parser as style_train_parser
-
-    ts = sub.add_parser("train-style", help="train the iUS -> T1 CycleGAN on a folder in ReMIND2Reg dataset layout",
+    # The trainers' options are parsed by their own modules (brainshift train-style --help), so that
+    # torch and voxelmorph are imported only when training, not on every brainshift command.
+    ts = sub.add_parser("train-style", add_help=False,
+                        help="train the iUS -> T1 CycleGAN on a folder in ReMIND2Reg dataset layout",
                         description="Unpaired 3D CycleGAN training (iUS _0000, T1 _0001) on random patches inside "
                         "the iUS field of view; checkpoints every epoch, --resume, loss log, validation PNGs.")
-    style_train_parser(ts)
     ts.set_defaults(func=cmd_train_style)
-
-    from .synthmorph_train import build_parser as synthmorph_parser, run as train_synthmorph
-
-    tm = sub.add_parser("train-synthmorph", help="train the SynthMorph deformable model on synthetic label maps",
+    tm = sub.add_parser("train-synthmorph", add_help=False,
+                        help="train the SynthMorph deformable model on synthetic label maps",
                         description="SynthMorph recipe: random label maps -> random-contrast images -> random SVF "
                         "deformations; Dice on warped one-hot labels + lambda * gradient penalty; AdamW, AMP on "
                         "CUDA, checkpoints, --resume, loss log, model card.")
-    synthmorph_parser(tm)
-    tm.set_defaults(func=train_synthmorph)
+    tm.set_defaults(func=cmd_train_synthmorph)
     return p
 
 
+TRAINERS = ("train-style", "train-synthmorph")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command not in TRAINERS:
+        args = parser.parse_args(argv)  # unknown options are an error everywhere else
+    args.trainer_args = rest
     return args.func(args)
 
 
