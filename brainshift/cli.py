@@ -47,6 +47,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     for p in found.problems:
         _err(p)
+    for w in found.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     if not found.cases:
         _err(f"{args.input}: no (fixed, moving) pair found")
         return 1
@@ -56,6 +58,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     except InputError as exc:
         _err(str(exc))
         return 1
+    if args.fuse != "none":
+        from .fusion import fuse_folder
+
+        fused, fuse_errors = fuse_folder(found.cases, args.output, rule=args.fuse)
+        errors = errors + fuse_errors
+        if not args.quiet:
+            for f in fused:
+                print(f"case {f['case']}: T1 and T2 fields fused ({f['rule']}: {f['chosen']})")
     for e in errors:
         _err(e)
     if not args.quiet:
@@ -85,6 +95,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         path = write_metrics_json(Path(args.json) if args.json else Path(args.output) / "metrics.json", results)
         print(f"metrics written to {path}")
     return 1 if problems or not results else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .io import InputError
+    from .report import build_html
+
+    try:
+        path = build_html(args.dir)
+    except InputError as exc:
+        _err(str(exc))
+        return 1
+    print(f"report written to {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import SUMMARY_COLUMNS, parse_methods, run_bench, summary_rows
+    from .io import InputError
+
+    try:
+        methods = parse_methods(args.methods)
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
+    try:
+        payload = run_bench(args.cases, methods, args.out, modality=args.modality, threads=args.threads,
+                            progress=not args.quiet)
+    except InputError as exc:
+        _err(str(exc))
+        return 1
+    for line in payload["problems"] + payload["errors"]:
+        _err(line)
+    missing = [f"{m}: not available: {v['unavailable']}" for m, v in payload["methods"].items() if v["unavailable"]]
+    for line in missing:  # an explicitly requested method that cannot run is an error, else a note
+        print(f"{'error' if args.methods else 'note'}: {line}", file=sys.stderr)
+    print(format_table(summary_rows(payload), SUMMARY_COLUMNS))
+    if not args.quiet:
+        print(f"bench.md, bench.json, bench_tre.png and fields/<method>/ written to {args.out}")
+    return 1 if payload["errors"] or payload["problems"] or (missing and args.methods) else 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -187,9 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
                    help="after SynthMorph, optimise the field on the pair itself (SSC + diffusion, Adam); "
                    "on by default, --no-refine to skip")
-    r.add_argument("--qc", action="store_true", help="also write per-case diagnostics (curves, records) to OUTPUT/qc/")
+    r.add_argument("--qc", action=argparse.BooleanOptionalAction, default=True,
+                   help="write per-case QC to OUTPUT/qc/ (per-stage figure, report JSON, affine curve, record; "
+                   "`brainshift report OUTPUT` gathers them into one HTML page); on by default, --no-qc to skip")
     r.add_argument("--modality", choices=("t1", "t2", "both"), default="both",
                    help="which moving MR to register: _0001 ceT1, _0002 T2, or both (default)")
+    r.add_argument("--fuse", choices=("none", "vote", "average"), default="none",
+                   help="for cases with both T1 and T2 (--modality both): replace both fields by one fused field. "
+                   "vote: of T1's, T2's and their average, the field under which both MR images match the iUS "
+                   "best (SSC-MSE); average: the mean field. Default none (each pair on its own)")
     r.add_argument("--threads", type=int, default=None, help="threads for NiftyReg (default: all cores)")
     r.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     r.set_defaults(func=cmd_run)
@@ -217,6 +272,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preview", action="store_true", help="also write preview/ReMIND2Reg_XXXX.png per case")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_simulate)
+
+    rp = sub.add_parser("report", help="gather the QC of a run into one HTML page: DIR/report.html",
+                        description="Build DIR/report.html from DIR/qc/ (written by `brainshift run`, unless --no-qc): "
+                        "a summary table of every pair (method, seconds per stage, SSC-MSE input -> final, stage "
+                        "decisions, SDlogJ, folds, largest displacement; TRE when DIR/metrics.json from "
+                        "`brainshift evaluate` is there), then each pair's per-stage figure (iUS over the warped "
+                        "MR, intensity difference, displacement in mm) and affine SSC-MSE curve. One "
+                        "self-contained file (images inline), to open in any browser.")
+    rp.add_argument("dir", metavar="DIR", help="the output folder of `brainshift run` (holds qc/)")
+    rp.set_defaults(func=cmd_report)
+
+    from .bench import METHODS as BENCH_METHODS
+
+    b = sub.add_parser("bench", help="run several methods (ours and peers) on a folder of cases; TRE, time, memory",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run each method on each (fixed iUS, moving MR) pair of CASES, one fresh process "
+                       "per (method, pair),\nand score it with the official TRE (the cases need landmarks).\n\n"
+                       "Methods (--methods, comma separated; default all):\n"
+                       + "\n".join(f"  {name:<18} {text}" for name, text in BENCH_METHODS.items())
+                       + "\n\nWritten to OUT: bench.md (summary per method: TRE mean/median/max, SDlogJ, folds, "
+                       "time per pair,\ntime vs ConvexAdam, peak memory; TRE per pair; exact settings and machine), "
+                       "bench.json (everything,\nper pair), bench_tre.png (TRE box plot), fields/<method>/ (the "
+                       "fields, scorable with `brainshift\nevaluate --output OUT/fields/<method>`), logs/<method>/ "
+                       "(each run's output).\nA method that is not installed gets a 'not available' row; a pair "
+                       "that fails is reported and the\nothers go on (exit code 1).")
+    b.add_argument("--cases", required=True, help="folder with the cases and their landmarks (any layout `run` reads)")
+    b.add_argument("--out", required=True, help="output folder (created if needed)")
+    b.add_argument("--methods", default=None, metavar="M[,M]",
+                   help=f"methods to run, comma separated, from {','.join(BENCH_METHODS)} (default: all)")
+    b.add_argument("--modality", choices=("t1", "t2", "both"), default="t1",
+                   help="moving MR: _0001 ceT1 (default), _0002 T2, or both")
+    b.add_argument("--threads", type=int, default=None,
+                   help="threads for NiftyReg, elastix and torch (default: their defaults, all cores)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="run every method on the embedded (simulated) demo case and print the TRE table",
                        description="Simulates one case (deterministic, from the MNI152 template shipped in nilearn), "

@@ -34,10 +34,20 @@ LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # flips x and y: ITK's LPS world <-> 
 MODALITY_OF_TAG = {"0001": "t1", "0002": "t2"}
 TAG_OF_MODALITY = {"t1": "0001", "t2": "0002"}
 _NAME = re.compile(r"^(?P<prefix>.+)_(?P<case>\d{4})_(?P<tag>\d{4})\.nii(\.gz)?$")
+_UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it) ...
+os.umask(_UMASK)          # ... and put back at once
+_OUTPUT_NAME = re.compile(r"^disp_\d{4}_\d{4}_\d{4}_\d{4}\.nii(\.gz)?$")  # fields we write (output = input)
+_OTHER_IMAGE = (".mha", ".mhd", ".nrrd", ".nhdr", ".img", ".hdr")  # images the flat layout does not read
 
 
 class InputError(Exception):
     """A problem with one input file; the message names the file and the reason."""
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Collapse a (library) message to one line of at most ``limit`` characters, for stderr."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass
@@ -85,10 +95,13 @@ class Case:
 
 @dataclass
 class Discovery:
-    """What :func:`discover_cases` found: the cases, and one message per file it could not use."""
+    """What :func:`discover_cases` found: the cases, one message per file it could not use
+    (``problems``: the run exits 1), and notes on files it ignored but the user may care about
+    (``warnings``: e.g. a dataset json it could not use; the run still exits 0)."""
 
     cases: list[Case] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,23 +110,29 @@ class Discovery:
 def load_volume(path: str | os.PathLike) -> Volume:
     """Read a ``.nii``/``.nii.gz`` (nibabel) or ``.mha``/``.nrrd`` (SimpleITK) scalar volume.
 
-    Raises :class:`InputError` naming the file for a missing, empty, unreadable or non-3D file,
-    or one with NaN/Inf voxels.
+    Raises :class:`InputError` naming the file for a missing, empty, unreadable or non-3D file, a
+    NIfTI holding more voxel data than its header's shape (e.g. 4D data under a 3D header), or one
+    with NaN/Inf voxels.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty (0 bytes)")
+    extra = 0  # bytes of voxel data the header does not account for (NIfTI only)
     try:
         if path.name.endswith((".nii", ".nii.gz")):
             img = nib.load(str(path))
             data = np.asarray(img.dataobj, dtype=np.float32)
             affine = np.asarray(img.affine, dtype=np.float64)
+            extra = _nifti_extra_bytes(path, img)
         else:
             data, affine = _read_itk(path)
     except Exception as exc:  # nibabel/SimpleITK raise many types for corrupt files
-        raise InputError(f"{path}: cannot read image ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+        raise InputError(f"{path}: cannot read image ({type(exc).__name__}: {one_line(str(exc))})") from exc
+    if extra > 0:
+        raise InputError(f"{path}: the header says shape {data.shape} but the file holds {extra} more bytes "
+                         "of voxel data (a 4D image under a 3D header?)")
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -121,6 +140,25 @@ def load_volume(path: str | os.PathLike) -> Volume:
     if not np.isfinite(data).all():
         raise InputError(f"{path}: contains NaN or Inf voxels")
     return Volume(data, affine)
+
+
+def _nifti_extra_bytes(path: Path, img) -> int:
+    """Bytes of voxel data beyond what the NIfTI header's shape accounts for (0 when they agree).
+
+    ``.nii``: from the file size; ``.nii.gz``: from the gzip trailer (uncompressed size mod 2^32 of the
+    last member), checked only below 4 GiB; a multi-member gzip can only under-count, never flag.
+    """
+    hdr = img.header
+    offset = int(getattr(img.dataobj, "offset", hdr["vox_offset"]))
+    expected = offset + int(np.prod(hdr.get_data_shape(), dtype=np.int64)) * hdr.get_data_dtype().itemsize
+    if path.name.endswith(".nii"):
+        return max(0, path.stat().st_size - expected)
+    if expected >= 2 ** 32:
+        return 0
+    with open(path, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        stored = int.from_bytes(fh.read(4), "little")
+    return max(0, stored - expected)
 
 
 def save_volume(path: str | os.PathLike, vol: Volume) -> Path:
@@ -169,13 +207,18 @@ def _write_image(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
 
 
 def _atomic_write(path: Path, writer) -> Path:
-    """Call ``writer(tmp_path)`` then rename onto ``path``: a reader never sees a partial file."""
+    """Call ``writer(tmp_path)`` then rename onto ``path``: a reader never sees a partial file.
+
+    The file gets the usual mode of a new file (0o666 minus the umask), not mkstemp's private 0o600,
+    so that another user (e.g. the challenge's evaluation reading a container's /output) can read it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
     os.close(fd)
     try:
         writer(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -270,13 +313,22 @@ def _discover_flat(root: Path, image_dir: Path, modality: str) -> Discovery:
     found = Discovery()
     by_case: dict[str, dict[str, Path]] = {}
     for path in sorted(image_dir.iterdir()):
-        if not path.name.endswith((".nii", ".nii.gz")) or path.name.startswith("."):
-            continue  # unrelated files (csv, json, readme, hidden temp files) are ignored
+        if path.name.startswith(".") or path.is_dir() or _OUTPUT_NAME.match(path.name):
+            continue  # hidden files (.DS_Store, ._* AppleDouble, our temp files), folders, our own fields
+        if path.name.lower().endswith(_OTHER_IMAGE):
+            found.problems.append(f"{path}: this layout reads NIfTI images only (<prefix>_XXXX_000M.nii.gz); skipped")
+            continue
+        if not path.name.endswith((".nii", ".nii.gz")):
+            continue  # unrelated files (csv, json, txt, readme) are ignored
         m = _NAME.match(path.name)
         if m is None or m["tag"] not in ("0000", "0001", "0002"):
             found.problems.append(f"{path}: name does not follow <prefix>_XXXX_000M.nii.gz (M = 0, 1 or 2); skipped")
             continue
-        by_case.setdefault(m["case"], {})[m["tag"]] = path
+        files = by_case.setdefault(m["case"], {})
+        if m["tag"] in files:
+            found.problems.append(f"{path}: same case and image number as {files[m['tag']].name}; skipped")
+            continue
+        files[m["tag"]] = path
     for case_id, files in sorted(by_case.items()):
         movings = [t for t in ("0001", "0002") if t in files and _wanted(t, modality)]
         if "0000" not in files:
@@ -291,20 +343,20 @@ def _discover_flat(root: Path, image_dir: Path, modality: str) -> Discovery:
 
 
 def _discover_dataset(root: Path, modality: str) -> Discovery:
-    """Dataset layout; pairs come from ``*_dataset.json`` when it lists them, else from the names."""
-    jsons = sorted(root.glob("*dataset*.json"))
+    """Dataset layout; pairs come from ``*_dataset.json`` when it lists them, else from the names.
+
+    A json that cannot be read or lists no usable pair is ignored with a warning (pairing by name).
+    """
+    jsons = sorted(root.glob("*dataset*.json"), key=lambda p: (p.name != "ReMIND2Reg_dataset.json", p.name))
     pairs: list[tuple[Path, Path]] = []
-    if jsons:
-        try:
-            meta = json.loads(jsons[0].read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            return Discovery(problems=[f"{jsons[0]}: cannot read dataset json ({exc})"])
-        for key in ("registration_val", "registration_test", "training_paired_images", "eval_pairs"):
-            for p in meta.get(key, []) or []:
-                if isinstance(p, dict) and "fixed" in p and "moving" in p:
-                    pairs.append(((root / p["fixed"]).resolve(), (root / p["moving"]).resolve()))
+    warnings: list[str] = []
+    for js in jsons:
+        pairs, why = _json_pairs(root, js)
+        if pairs:
+            break
+        warnings.append(f"{js}: {why}; ignored")
     if not pairs:  # no json or no pairs listed: pair by file name in every images* folder
-        found = Discovery()
+        found = Discovery(warnings=warnings)
         for sub in ("imagesTr", "imagesVal", "imagesTs"):
             if (root / sub).is_dir():
                 part = _discover_flat(root, root / sub, modality)
@@ -330,13 +382,30 @@ def _discover_dataset(root: Path, modality: str) -> Discovery:
     return found
 
 
+def _json_pairs(root: Path, path: Path) -> tuple[list[tuple[Path, Path]], str]:
+    """(fixed, moving) pairs listed in a Learn2Reg dataset json, or ([], why not)."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return [], f"cannot read dataset json ({one_line(str(exc))})"
+    if not isinstance(meta, dict):
+        return [], "not a Learn2Reg dataset json (not a JSON object)"
+    pairs = []
+    for key in ("registration_val", "registration_test", "training_paired_images", "eval_pairs"):
+        listed = meta.get(key)
+        for p in listed if isinstance(listed, list) else []:
+            if isinstance(p, dict) and isinstance(p.get("fixed"), str) and isinstance(p.get("moving"), str):
+                pairs.append(((root / p["fixed"]).resolve(), (root / p["moving"]).resolve()))
+    return pairs, "lists no (fixed, moving) pair"
+
+
 def _discover_grand_challenge(root: Path) -> Discovery:
     """``images/fixed/*.mha`` with ``images/moving/*.mha``; matched by name, else the only pair."""
     found = Discovery()
     img = root / "images"
     exts = (".mha", ".nii.gz", ".nii", ".nrrd")
-    fixed = sorted(p for p in (img / "fixed").iterdir() if p.name.endswith(exts))
-    moving = sorted(p for p in (img / "moving").iterdir() if p.name.endswith(exts)) if (img / "moving").is_dir() else []
+    fixed = _images_in(img / "fixed", exts)
+    moving = _images_in(img / "moving", exts)
     if not fixed:
         return Discovery(problems=[f"{img / 'fixed'}: no fixed image"])
     if not moving:
@@ -346,7 +415,7 @@ def _discover_grand_challenge(root: Path) -> Discovery:
         d = img / sub
         if not d.is_dir():
             return None
-        masks = sorted(p for p in d.iterdir() if p.name.endswith(exts))
+        masks = _images_in(d, exts)
         same = [p for p in masks if p.name == image.name]
         return same[0] if same else (masks[0] if len(masks) == 1 else None)
 
@@ -366,3 +435,10 @@ def _discover_grand_challenge(root: Path) -> Discovery:
             fixed_mask=mask_for("fixed-mask", f), moving_mask=mask_for("moving-mask", m),
         ))
     return found
+
+
+def _images_in(folder: Path, exts: tuple[str, ...]) -> list[Path]:
+    """Image files of a grand-challenge folder, sorted; hidden files (.DS_Store, ._x.mha) are skipped."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.endswith(exts) and not p.name.startswith(".") and p.is_file())

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import fields
-from .io import Case, InputError, Volume, load_volume
+from .io import Case, InputError, Volume, load_volume, one_line
 from .niftyreg import NiftyRegError
 
 METHODS = ("brainshift", "niftyreg-rigid", "identity")
@@ -105,6 +105,7 @@ def _brainshift(fixed: Volume, moving: Volume, stages: tuple[str, ...], modality
         outputs["affine"] = res
         record["stages"]["affine"] = {
             "fixed_image": chosen, "ssc_vs_ius": vs_ius, "matrix": matrix.tolist(), "share": res.share,
+            "candidate_matrices": {name: r.matrix.tolist() for name, r in results.items()},
             "kept": res.kept, "ssc_identity": res.ssc_identity, "ssc_final": res.ssc_final, "curve": res.curve,
             "aladin_seconds": res.aladin_seconds, "notes": res.notes, "seconds": time.perf_counter() - t}
     disp = fields.matrix_to_field(matrix, fixed.affine, moving.affine, fixed.shape)
@@ -127,25 +128,33 @@ def _brainshift(fixed: Volume, moving: Volume, stages: tuple[str, ...], modality
     return disp
 
 
-def check_inputs(fixed: Volume, moving: Volume, case: Case) -> None:
-    """Reject inputs no method can register, naming the file."""
+def check_inputs(fixed: Volume, moving: Volume, case: Case, fixed_mask: Volume | None = None) -> None:
+    """Reject inputs no method can register, naming the file (NaN/Inf, non-3D, unreadable: load_volume)."""
     if not (fixed.data != 0).any():
         raise InputError(f"{case.fixed}: fixed image is all zero (no ultrasound field of view)")
     if not (moving.data != 0).any():
         raise InputError(f"{case.moving}: moving image is all zero")
+    if fixed_mask is not None:
+        if fixed_mask.shape != fixed.shape:
+            raise InputError(f"{case.fixed_mask}: fixed mask shape {fixed_mask.shape} does not match "
+                             f"the fixed image {case.fixed.name} {fixed.shape}")
+        if not (fixed_mask.data > 0).any():
+            raise InputError(f"{case.fixed_mask}: fixed mask is empty (no voxel > 0)")
 
 
 def run_case(case: Case, out_dir: str | os.PathLike, method: str = "brainshift", stages: tuple[str, ...] = STAGES,
              refine: bool = True, threads: int | None = None, qc: bool = False) -> dict:
     """Load one pair, register it, write ``out_dir/case.output_name`` atomically; return the record.
 
-    With ``qc``, per-stage diagnostics go to ``out_dir/qc/`` (the SSC-MSE curve of the affine stage
-    as JSON + PNG, and the case record as JSON).
+    With ``qc``, per-stage diagnostics go to ``out_dir/qc/``: the SSC-MSE curve of the affine stage
+    (JSON + PNG), the case record (JSON), and :mod:`brainshift.report`'s per-stage figure
+    (``<stem>_stages.png``) and numbers (``<stem>_report.json``).
     """
     fixed = load_volume(case.fixed)
     moving = load_volume(case.moving)
-    fixed_mask = load_volume(case.fixed_mask).data > 0 if case.fixed_mask is not None else None
-    check_inputs(fixed, moving, case)
+    mask_vol = load_volume(case.fixed_mask) if case.fixed_mask is not None else None
+    check_inputs(fixed, moving, case, mask_vol)
+    fixed_mask = mask_vol.data > 0 if mask_vol is not None else None
     result = register(fixed, moving, method=method, stages=stages, modality=case.modality, refine=refine,
                       threads=threads, fixed_mask=fixed_mask)
     path = fields.write_field(Path(out_dir) / case.output_name, result.disp, moving.affine)
@@ -158,6 +167,15 @@ def run_case(case: Case, out_dir: str | os.PathLike, method: str = "brainshift",
 
             save_curve(result.stage_outputs["affine"], qc_dir / f"{stem}_affine_curve.json", qc_dir / f"{stem}_affine_curve.png")
         _write_json(qc_dir / f"{stem}_record.json", record)
+        try:  # the field is written: a QC failure is a warning, not a failed case
+            from .report import write_case_qc
+
+            write_case_qc(qc_dir, stem, record, fixed, moving, result.stage_outputs, result.disp, fixed_mask)
+        except Exception as exc:
+            import logging
+
+            logging.getLogger(__name__).warning("warning: %s: QC report not written (%s: %s)", case.pair_name,
+                                                type(exc).__name__, one_line(str(exc)))
     return record
 
 
@@ -193,7 +211,7 @@ def run_cases(cases: list[Case], out_dir: str | os.PathLike, method: str = "brai
         try:
             records.append(run_case(case, out_dir, method=method, stages=stages, refine=refine, threads=threads, qc=qc))
         except (InputError, NiftyRegError, ValueError) as exc:
-            errors.append(f"{case.pair_name}: {exc}")
+            errors.append(one_line(f"{case.pair_name}: {exc}", limit=500))
         except Exception as exc:  # an unexpected failure in one case must not stop the others
-            errors.append(f"{case.pair_name}: {case.moving}: {type(exc).__name__}: {exc}")
+            errors.append(one_line(f"{case.pair_name}: {case.moving}: {type(exc).__name__}: {exc}", limit=500))
     return records, errors

@@ -79,7 +79,7 @@ def test_bad_inputs_each_named_and_others_still_processed(tmp_path, capsys):
     save_volume(tmp_path / "ReMIND2Reg_0006_0001.nii.gz", Volume(nan, AFF))  # NaN voxels
     (tmp_path / "ReMIND2Reg_0007_0009.nii.gz").write_bytes(b"x")       # wrong file name
     out = tmp_path / "out"
-    code = main(["run", "--input", str(tmp_path), "--output", str(out), "--method", "identity", "--quiet"])
+    code = main(["run", "--input", str(tmp_path), "--output", str(out), "--method", "identity", "--quiet", "--no-qc"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert sorted(p.name for p in out.iterdir()) == ["disp_0001_0000_0001_0001.nii.gz"]  # only the good one
