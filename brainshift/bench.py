@@ -15,11 +15,12 @@ Measurements:
   counted), and the user + system CPU seconds of the same call (``resource.getrusage`` of the
   child and of the tools it waited for). ``process_seconds`` (start-up, imports, I/O included) and
   the load average when the run started are kept in ``bench.json``.
-* **peak memory**: the larger of (a) ``ru_maxrss`` that ``os.wait4`` returns for the child, which on
-  Linux is the peak RSS of the child or of any process it started and waited for (reg_aladin,
-  elastix...), whichever was largest, and (b) the peak of the summed RSS of the child and all its
-  descendants, sampled every 0.2 s from ``/proc`` (this catches a tool running next to the Python
-  process that holds the images).
+* **peak memory**: the larger of (a) the largest single-process peak: the child's own ``VmHWM``
+  and ``ru_maxrss`` of ``RUSAGE_CHILDREN`` (the tools it ran and waited for: reg_aladin, elastix,
+  transformix), both read by the child itself, and (b) the peak of the summed RSS of the child
+  and all its descendants, sampled every 0.2 s from ``/proc`` (this catches a tool running next
+  to the Python process that holds the images). ``os.wait4``'s ``ru_maxrss`` is not used: on
+  Linux it also counts the parent's memory (the high-water mark of the pre-``exec`` address space).
 
 Outputs: ``OUT/bench.md`` (summary, per-pair TRE, settings), ``OUT/bench.json`` (everything, per
 case), ``OUT/bench_tre.png`` (box plot of per-pair mean TRE by method), ``OUT/fields/``,
@@ -178,11 +179,9 @@ def _child(spec_path: str) -> int:
         from . import fields
         from .io import load_volume
 
-        if spec.get("threads"):
-            import torch
-
-            torch.set_num_threads(int(spec["threads"]))
         _preload(spec["method"])
+        if spec.get("threads") and "torch" in sys.modules:  # only where the method uses torch
+            sys.modules["torch"].set_num_threads(int(spec["threads"]))
         fixed, moving = load_volume(spec["fixed"]), load_volume(spec["moving"])
         mask = load_volume(spec["fixed_mask"]).data > 0 if spec.get("fixed_mask") else None
         cpu0 = _cpu_seconds()
@@ -200,9 +199,29 @@ def _child(spec_path: str) -> int:
         traceback.print_exc()
         result["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
         code = 1
+    result.update(_own_peaks())
     text = json.dumps(result, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
     _atomic_write(Path(spec["result"]), lambda tmp: Path(tmp).write_text(text))
     return code
+
+
+def _own_peaks() -> dict:
+    """Peak RSS (GB) of this process (``VmHWM``) and of the largest tool it ran and waited for.
+
+    Read here, inside the child, because the ``ru_maxrss`` that ``os.wait4`` reports in the parent
+    also counts the parent's own memory: Linux keeps the high-water mark of the address space a
+    process had before ``exec``, which for a child started by (v)fork is the parent's.
+    """
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux
+    out = {"tools_maxrss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale / 1e9}
+    try:
+        hwm = [ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:")]
+        out["self_hwm_gb"] = int(hwm[0].split()[1]) * 1024 / 1e9
+    except (OSError, IndexError, ValueError):
+        out["self_hwm_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9
+    return out
 
 
 class _TreeRss(threading.Thread):
@@ -250,11 +269,13 @@ class _TreeRss(threading.Thread):
 def run_isolated(spec: dict, work: Path, log_path: Path) -> dict:
     """Run one (method, case) spec in a fresh ``python -m brainshift.bench --one`` process.
 
-    Returns the child's result (``seconds``, ``record`` or ``error``) plus ``process_seconds``,
-    ``maxrss_wait4_gb``, ``tree_rss_sampled_gb`` and ``peak_rss_gb`` (the larger of the two).
+    Returns the child's result (``seconds``, ``cpu_seconds``, ``record`` or ``error``,
+    ``self_hwm_gb``, ``tools_maxrss_gb``) plus ``process_seconds``, ``tree_rss_sampled_gb``,
+    ``maxrss_wait4_gb`` (reference only) and ``peak_rss_gb`` (see the module docstring).
     """
     spec_path = work / "spec.json"
     spec = {**spec, "result": str(work / "result.json")}
+    Path(spec["result"]).unlink(missing_ok=True)  # never read a previous run's result
     spec_path.write_text(json.dumps(spec))
     env = os.environ.copy()
     if spec.get("threads"):
@@ -280,8 +301,12 @@ def run_isolated(spec: dict, work: Path, log_path: Path) -> dict:
     if proc.returncode != 0 and "error" not in out:
         tail = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
         out["error"] = f"process exited with {proc.returncode}" + (f": {tail[0]}" if tail else "")
+    # peak: the largest single process (the child's VmHWM or its largest tool's ru_maxrss, reported
+    # by the child) or the sampled sum over the process tree, whichever is larger. The wait4 value
+    # is kept for reference only (it includes the parent's memory, see _own_peaks).
+    own = max(out.get("self_hwm_gb", 0.0), out.get("tools_maxrss_gb", 0.0))
     out.update(process_seconds=wall, load_average_at_start=load, maxrss_wait4_gb=maxrss / 1e9,
-               tree_rss_sampled_gb=sampler.peak / 1e9, peak_rss_gb=max(maxrss, sampler.peak) / 1e9)
+               tree_rss_sampled_gb=sampler.peak / 1e9, peak_rss_gb=max(own, sampler.peak / 1e9))
     return out
 
 
@@ -467,9 +492,10 @@ def markdown(payload: dict) -> str:
               f"SimpleITK {machine.get('SimpleITK')}, elastix: {machine.get('elastix') or 'not installed'}",
               "- isolation: each (method, pair) runs in a fresh `python -m brainshift.bench --one` process, one at a "
               "time; its field is written to `fields/<method>/` and scored from that file.",
-              "- peak memory: the larger of `ru_maxrss` from `os.wait4` on that process (Linux: the largest peak RSS "
-              "of the process or of any tool it ran and waited for, e.g. reg_aladin, elastix) and the summed RSS of "
-              "the process tree sampled every 0.2 s from /proc.",
+              "- peak memory: the larger of the largest single-process peak (the run's own VmHWM, and `ru_maxrss` "
+              "of RUSAGE_CHILDREN for the tools it ran and waited for, e.g. reg_aladin, elastix) and the summed RSS "
+              "of the process tree sampled every 0.2 s from /proc. (`os.wait4`'s `ru_maxrss` is kept in bench.json "
+              "but not used: on Linux it includes the bench parent's own memory, inherited through fork/exec.)",
               "- fields: every method's output is a Learn2Reg voxel pull field on the fixed (iUS) grid; peers' "
               "native fields are converted (see `brainshift/peers.py`).", ""]
     for name, m in payload["methods"].items():

@@ -42,6 +42,7 @@ def test_bench_writes_outputs_and_scores_like_evaluate(tiny, tmp_path, capsys):
         row = rows[("identity", case.pair_name)]
         assert row["tre_mean"] == pytest.approx(zero["tre_mean"], abs=1e-9)
         assert row["peak_rss_gb"] > 0.01 and row["seconds"] >= 0 and row["cpu_seconds"] >= 0
+        assert row["peak_rss_gb"] < 0.35  # the child's own memory, not the (larger) test process's
         field = out / "fields" / "niftyreg-rigid" / case.output_name
         assert field.is_file()  # where `brainshift evaluate --output OUT/fields/niftyreg-rigid` looks
     summary = {m: v["summary"] for m, v in payload["methods"].items()}
