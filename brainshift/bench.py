@@ -524,7 +524,8 @@ def plot_tre(payload: dict, path: Path) -> Path | None:
         ax.plot(np.full(len(values), i) + np.linspace(-0.08, 0.08, len(values)), values, "o", ms=3, alpha=0.6, color="k")
     ax.set_xticks(range(1, len(data) + 1), list(data), rotation=30, ha="right")
     ax.set_ylabel("TRE per pair (mean over landmarks), mm")
-    ax.set_title(f"{len(payload['cases'])} pairs")
+    ax.set_title(f"{len(payload['cases'])} pairs (box: quartiles, line: median, triangle: mean, dots: pairs)",
+                 fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     try:
