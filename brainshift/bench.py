@@ -357,7 +357,8 @@ def _summary(rows: list[dict]) -> dict:
 
 
 def run_bench(cases_dir: str | os.PathLike, methods: list[str] | None, out_dir: str | os.PathLike,
-              modality: str = "t1", threads: int | None = None, progress: bool = True) -> dict:
+              modality: str = "t1", threads: int | None = None, progress: bool = True,
+              resume: bool = False) -> dict:
     """Run every method on every case of ``cases_dir``; write bench.md/json/png under ``out_dir``.
 
     ``methods``: names from :data:`METHODS` (None: all). ``modality``: 't1', 't2' or 'both' (moving
@@ -365,6 +366,10 @@ def run_bench(cases_dir: str | os.PathLike, methods: list[str] | None, out_dir: 
     A method that cannot run here gets ``unavailable`` (and no rows); a failing (method, case) gets
     an ``error`` and the others continue. Returns the bench.json payload; its ``errors`` and
     ``problems`` lists say what went wrong, one line each.
+
+    Each finished (method, pair) is saved at once to ``OUT/runs/<method>/<pair>.json``, and the
+    reports are rewritten after each method, so an interrupted bench keeps what it measured.
+    ``resume``: reuse a saved run (without error, its field still present) instead of running it again.
     """
     from tqdm import tqdm
 
@@ -386,12 +391,20 @@ def run_bench(cases_dir: str | os.PathLike, methods: list[str] | None, out_dir: 
     errors: list[str] = []
     payload = {"created": _dt.datetime.now().isoformat(timespec="seconds"), "cases_dir": str(Path(cases_dir).resolve()),
                "modality": modality, "machine": machine_info(threads), "methods": info}
+    payload.update(cases=[c.pair_name for c in found.cases], results=rows, errors=errors, problems=problems)
     bar = tqdm(total=len(runnable) * len(found.cases), unit="run", disable=not progress)
     with tempfile.TemporaryDirectory(prefix="brainshift_bench_") as tmp:
         for name in runnable:
             for case in found.cases:
                 bar.set_description(f"{name} {case.case_id}_{case.moving_tag}")
                 field = out / "fields" / name / case.output_name
+                saved = out / "runs" / name / f"{case.pair_name}.json"
+                if resume and saved.is_file() and field.is_file():
+                    row = json.loads(saved.read_text())
+                    if "error" not in row:
+                        rows.append(row)
+                        bar.update(1)
+                        continue
                 spec = {"method": name, "fixed": str(case.fixed), "moving": str(case.moving),
                         "fixed_mask": str(case.fixed_mask) if case.fixed_mask else None,
                         "modality": case.modality, "field": str(field), "threads": threads}
@@ -406,18 +419,28 @@ def run_bench(cases_dir: str | os.PathLike, methods: list[str] | None, out_dir: 
                 if "error" in row:
                     errors.append(f"{name}: {case.pair_name}: {row['error']}")
                 rows.append(row)
+                text = json.dumps(row, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+                _atomic_write(saved, lambda t, text=text: Path(t).write_text(text))
                 bar.update(1)
+            _summarise(info, methods, runnable, rows)
+            write_outputs(payload, out)  # after each method: an interrupted bench keeps its reports
     bar.close()
+    _summarise(info, methods, runnable, rows)
+    write_outputs(payload, out)
+    return payload
+
+
+def _summarise(info: dict, methods: list[str], runnable: list[str], rows: list[dict]) -> None:
+    """Fill ``info[method]['summary']`` from the rows so far (None for a method without rows)."""
     for name in methods:
-        info[name]["summary"] = _summary([r for r in rows if r["method"] == name]) if name in runnable else None
+        done = [r for r in rows if r["method"] == name]
+        info[name]["summary"] = _summary(done) if name in runnable and done else None
     ref = info.get(REFERENCE, {}).get("summary") or {}
     for name in runnable:
         s = info[name]["summary"]
-        s["time_vs_convexadam"] = (s["seconds_mean"] / ref["seconds_mean"]
-                                   if s["seconds_mean"] is not None and ref.get("seconds_mean") else None)
-    payload.update(cases=[c.pair_name for c in found.cases], results=rows, errors=errors, problems=problems)
-    write_outputs(payload, out)
-    return payload
+        if s is not None:
+            s["time_vs_convexadam"] = (s["seconds_mean"] / ref["seconds_mean"]
+                                       if s["seconds_mean"] is not None and ref.get("seconds_mean") else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -433,7 +456,8 @@ def summary_rows(payload: dict) -> list[dict]:
     for name, m in payload["methods"].items():
         s = m.get("summary")
         if s is None:
-            rows.append({"method": name, "note": f"not available: {m['unavailable']}"})
+            note = f"not available: {m['unavailable']}" if m["unavailable"] else "not run (yet)"
+            rows.append({"method": name, "note": note})
         else:
             rows.append({"method": name, **s, "note": f"{s['failed']} failed" if s["failed"] else ""})
     return rows

@@ -121,7 +121,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     try:
         payload = run_bench(args.cases, methods, args.out, modality=args.modality, threads=args.threads,
-                            progress=not args.quiet)
+                            progress=not args.quiet, resume=args.resume)
     except InputError as exc:
         _err(str(exc))
         return 1
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "time per pair,\ntime vs ConvexAdam, peak memory; TRE per pair; exact settings and machine), "
                        "bench.json (everything,\nper pair), bench_tre.png (TRE box plot), fields/<method>/ (the "
                        "fields, scorable with `brainshift\nevaluate --output OUT/fields/<method>`), logs/<method>/ "
-                       "(each run's output).\nA method that is not installed gets a 'not available' row; a pair "
+                       "(each run's output),\nruns/<method>/ (each finished run, saved at once; see --resume).\nA method that is not installed gets a 'not available' row; a pair "
                        "that fails is reported and the\nothers go on (exit code 1).")
     b.add_argument("--cases", required=True, help="folder with the cases and their landmarks (any layout `run` reads)")
     b.add_argument("--out", required=True, help="output folder (created if needed)")
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="moving MR: _0001 ceT1 (default), _0002 T2, or both")
     b.add_argument("--threads", type=int, default=None,
                    help="threads for NiftyReg, elastix and torch (default: their defaults, all cores)")
+    b.add_argument("--resume", action="store_true",
+                   help="reuse the runs an earlier (interrupted) bench saved in OUT/runs/ instead of running them again")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_bench)
 

@@ -77,6 +77,30 @@ def test_failing_case_and_missing_method_are_recorded(tiny, tmp_path, monkeypatc
     assert "not available: not here (test)" in md and "failed" in md
 
 
+def test_resume_reuses_saved_runs_and_reruns_failed_ones(tiny, tmp_path, monkeypatch):
+    """Each finished run is saved at once; --resume runs only what is missing or failed."""
+    real, calls, interrupt = bench.run_isolated, [], [True]
+
+    def run_isolated(spec, work, log):
+        calls.append((spec["method"], spec["field"]))
+        if spec["method"] == "niftyreg-rigid" and "0002" in spec["field"] and interrupt[0]:
+            return {"error": "RuntimeError: interrupted (test)"}
+        return real(spec, work, log)
+
+    monkeypatch.setattr(bench, "run_isolated", run_isolated)
+    first = bench.run_bench(tiny, ["identity", "niftyreg-rigid"], tmp_path, threads=1, progress=False)
+    assert len(calls) == 4 and len(first["errors"]) == 1
+    assert len(list((tmp_path / "runs").rglob("*.json"))) == 4
+    calls.clear()
+    interrupt[0] = False
+    second = bench.run_bench(tiny, ["identity", "niftyreg-rigid"], tmp_path, threads=1, progress=False, resume=True)
+    assert [c[0] for c in calls] == ["niftyreg-rigid"] and "0002" in calls[0][1]  # only the failed run again
+    assert not second["errors"] and second["methods"]["niftyreg-rigid"]["summary"]["ok"] == 2
+    before = {(r["method"], r["case"]): r["tre_mean"] for r in first["results"] if "error" not in r}
+    after = {(r["method"], r["case"]): r["tre_mean"] for r in second["results"]}
+    assert all(after[k] == v for k, v in before.items())
+
+
 # ------------------------------------------------------------------------------------------------
 # peers recover a known transform: catches channel order, sign, mm vs voxel, LPS vs RAS errors
 # ------------------------------------------------------------------------------------------------
