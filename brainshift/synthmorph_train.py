@@ -74,6 +74,7 @@ class NetConfig:
     nb_features: tuple[int, ...] = (16, 32, 32, 32)
     integration_steps: int = 5
     flow_init: float = 1e-2               # std of the final (velocity) conv's initial weights
+    init: str = "kaiming"                 # U-Net convs: "kaiming" (He normal, leaky ReLU) or "torch" (default)
 
 
 @dataclass
@@ -119,11 +120,20 @@ def build_network(net: NetConfig | dict | None = None) -> torch.nn.Module:
         net = NetConfig()
     if isinstance(net, dict):
         net = NetConfig(nb_features=tuple(net["nb_features"]), integration_steps=int(net["integration_steps"]),
-                        flow_init=float(net.get("flow_init", 1e-2)))
-    return vxm.nn.models.VxmPairwise(
+                        flow_init=float(net.get("flow_init", 1e-2)), init=str(net.get("init", "torch")))
+    model = vxm.nn.models.VxmPairwise(
         ndim=3, source_channels=1, target_channels=1, nb_features=list(net.nb_features),
         integration_steps=net.integration_steps, activations="leaky_relu", flow_initializer=net.flow_init,
     )
+    if net.init == "kaiming":
+        # PyTorch's default conv init (uniform, a=sqrt(5)) shrinks the activations about 3x per layer,
+        # so the deep U-Net levels start with gradients ~1e-7..1e-8 and hardly contribute. He-normal
+        # init for leaky ReLU keeps them at unit scale (measured in docs/MEASUREMENTS.md, session 3).
+        for module in model.model.modules():
+            if isinstance(module, torch.nn.Conv3d):
+                torch.nn.init.kaiming_normal_(module.weight, a=0.01, nonlinearity="leaky_relu")
+                torch.nn.init.zeros_(module.bias)
+    return model
 
 
 def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "linear") -> torch.Tensor:
@@ -455,6 +465,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--labels", type=int, default=16)
     p.add_argument("--features", default="16,32,32,32", help="U-Net features per level, comma separated")
     p.add_argument("--flow-init", type=float, default=1e-2, help="std of the velocity layer's initial weights")
+    p.add_argument("--init", choices=("kaiming", "torch"), default="kaiming",
+                   help="initialisation of the U-Net convolutions (default: He normal)")
     p.add_argument("--sup-warmup", type=int, default=0,
                    help="iterations of an auxiliary, linearly decaying field-supervision term (0: pure SynthMorph)")
     p.add_argument("--sup-weight", type=float, default=0.05, help="initial weight of the field-supervision term")
@@ -478,7 +490,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         threads=args.threads, checkpoint_every=args.checkpoint_every, val_every=args.val_every,
         val_pairs=args.val_pairs, resume=args.resume, sup_warmup=args.sup_warmup, sup_weight=args.sup_weight, same_warmup=args.same_warmup,
         generator=GeneratorConfig(shape=args.shape, n_labels=args.labels),
-        net=NetConfig(nb_features=tuple(int(f) for f in args.features.split(",")), flow_init=args.flow_init),
+        net=NetConfig(nb_features=tuple(int(f) for f in args.features.split(",")), flow_init=args.flow_init,
+                      init=args.init),
     )
 
 

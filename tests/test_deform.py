@@ -55,6 +55,21 @@ def test_generator_truth_field_aligns_the_labels():
 
 
 # ---------------------------------------------------------------------------------------- training
+def test_kaiming_init_keeps_the_deep_unet_levels_alive():
+    """He init: the bottleneck's activations keep their scale; PyTorch's default shrinks them ~3x per layer."""
+    pair = st.generate_pair(1, st.GeneratorConfig(shape=32))
+    scale = {}
+    for init in ("kaiming", "torch"):
+        torch.manual_seed(0)
+        net = st.build_network(st.NetConfig(init=init))
+        seen = {}
+        net.model.lowest_resolution_conv_block.register_forward_hook(lambda m, i, o: seen.update(std=float(o.std())))
+        with torch.no_grad():
+            net(pair["moving"], pair["fixed"])
+        scale[init] = seen["std"]
+    assert scale["kaiming"] > 0.1 and scale["torch"] < 0.2 * scale["kaiming"], scale
+
+
 def test_training_runs_checkpoints_and_resumes(tmp_path):
     cfg = st.TrainConfig(out=str(tmp_path), iterations=2, threads=1, checkpoint_every=1, val_every=0, val_pairs=1,
                          generator=st.GeneratorConfig(shape=16, n_labels=4), net=st.NetConfig(nb_features=(4, 8, 8)))
