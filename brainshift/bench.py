@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import Case, InputError, _atomic_write, discover_cases
+from .io import Case, InputError, _atomic_write, discover_cases, write_json
 
 # name -> what it is (shown in --help, bench.md)
 METHODS: dict[str, str] = {
@@ -200,8 +200,7 @@ def _child(spec_path: str) -> int:
         result["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
         code = 1
     result.update(_own_peaks())
-    text = json.dumps(result, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-    _atomic_write(Path(spec["result"]), lambda tmp: Path(tmp).write_text(text))
+    write_json(spec["result"], result)
     return code
 
 
@@ -419,8 +418,7 @@ def run_bench(cases_dir: str | os.PathLike, methods: list[str] | None, out_dir: 
                 if "error" in row:
                     errors.append(f"{name}: {case.pair_name}: {row['error']}")
                 rows.append(row)
-                text = json.dumps(row, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-                _atomic_write(saved, lambda t, text=text: Path(t).write_text(text))
+                write_json(saved, row)
                 bar.update(1)
             _summarise(info, methods, runnable, rows)
             write_outputs(payload, out)  # after each method: an interrupted bench keeps its reports
@@ -561,8 +559,7 @@ def plot_tre(payload: dict, path: Path) -> Path | None:
 def write_outputs(payload: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write bench.json, bench.md and bench_tre.png into ``out_dir`` (atomically); return their paths."""
     out = Path(out_dir)
-    text = json.dumps(payload, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-    paths = {"json": _atomic_write(out / "bench.json", lambda tmp: Path(tmp).write_text(text))}
+    paths = {"json": write_json(out / "bench.json", payload, indent=1)}
     md = markdown(payload)
     paths["md"] = _atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(md))
     png = plot_tre(payload, out / "bench_tre.png")

@@ -226,6 +226,13 @@ def _atomic_write(path: Path, writer) -> Path:
     return path
 
 
+def write_json(path: str | os.PathLike, payload, indent: int | None = None) -> Path:
+    """Write ``payload`` as JSON atomically; numpy arrays and scalars become lists and numbers, other
+    unknown objects their ``str``."""
+    text = json.dumps(payload, indent=indent, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
 # --------------------------------------------------------------------------------------------
 # landmarks
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import fields
-from .io import Case, InputError, Volume, load_volume, one_line
+from .io import Case, InputError, Volume, load_volume, one_line, write_json
 from .niftyreg import NiftyRegError
 
 METHODS = ("brainshift", "niftyreg-rigid", "identity")
@@ -166,7 +166,7 @@ def run_case(case: Case, out_dir: str | os.PathLike, method: str = "brainshift",
             from .affine import save_curve
 
             save_curve(result.stage_outputs["affine"], qc_dir / f"{stem}_affine_curve.json", qc_dir / f"{stem}_affine_curve.png")
-        _write_json(qc_dir / f"{stem}_record.json", record)
+        write_json(qc_dir / f"{stem}_record.json", record, indent=2)
         try:  # the field is written: a QC failure is a warning, not a failed case
             from .report import write_case_qc
 
@@ -177,15 +177,6 @@ def run_case(case: Case, out_dir: str | os.PathLike, method: str = "brainshift",
             logging.getLogger(__name__).warning("warning: %s: QC report not written (%s: %s)", case.pair_name,
                                                 type(exc).__name__, one_line(str(exc)))
     return record
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    import json
-
-    from .io import _atomic_write
-
-    text = json.dumps(payload, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def check_writable(out_dir: str | os.PathLike) -> None:
