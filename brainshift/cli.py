@@ -140,7 +140,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .synth import simulate_dataset
 
     paths = simulate_dataset(Path(args.out), args.cases, seed=args.seed, shape=args.shape, spacing=args.spacing,
-                             preview=args.preview, progress=not args.quiet)
+                             preview=args.preview, progress=not args.quiet, resected=not args.pre_resection)
     if not args.quiet:
         print(f"{args.cases} cases ({len(paths)} files) written to {args.out}")
     return 0
@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shape", type=int, default=256, help="cube size in voxels (default 256, as ReMIND2Reg)")
     s.add_argument("--spacing", type=float, default=0.5, help="voxel size in mm (default 0.5, as ReMIND2Reg)")
     s.add_argument("--preview", action="store_true", help="also write preview/ReMIND2Reg_XXXX.png per case")
+    s.add_argument("--pre-resection", action="store_true",
+                   help="iUS before resection (tumour in place, no cavity, no collapse; as RESECT) instead of after")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_simulate)
 

@@ -33,19 +33,16 @@ Parameters drawn per case (``SimCase.params``), with ranges:
   direction within 30 deg of the probe axis, Gaussian around the craniotomy (sigma 25-45 mm);
   smooth wobble RMS 0.3-1 mm (wavelengths 40-100 mm). The tumour is fully resected: the cavity is
   where the pulled MR position lies inside the tumour.
-* iUS: pyramid fan from a virtual apex 10-25 mm behind the probe face, which sits on the brain
-  surface nearest the tumour (tumours whose nearest surface faces down or medially are not drawn);
-  axis tilted up to 10 deg from the tumour direction; lateral half angle 45-60 deg, elevation
-  35-50 deg, depth 90-120 mm from the apex (fan scaled with the cube size). Echogenicity WM
-  0.35-0.5, GM 0.18-0.28, CSF/fluid 0.02-0.05; bright interfaces from the gradient of the warped
-  anatomy (gain 3-6 mm, stronger facing the beam); bright cavity rim (0.6-1.0, 1-2 mm); 2-6
-  blood/air blobs (radius 1.5-4 mm, 0.8-1.5) on the cavity wall; Rayleigh speckle correlated over
-  ~1 mm (contrast x 0.8 mm / spacing for voxels over 0.8 mm); attenuation length 80-160 mm;
-  shadowing exp(-b * integral along the ray of max(reflectivity - 0.8, 0)), b 0.1-0.3 per mm;
-  gain 0.75-1.15, compression x**0.7; 0..255, integer-valued, exactly 0 outside the fan.
+* iUS: formed by :mod:`brainshift.ultrasound` (a B-mode model calibrated on real iUS; its docstring
+  lists every parameter and where its value came from): a curvilinear probe on the brain surface
+  nearest the tumour, axis tilted up to 10 deg from the tumour direction, swept in elevation
+  (45-70 mm deep, 60-170 ml); ``labels`` (uint8, ``ultrasound.LABELS``) is the tissue each iUS
+  voxel shows (CSF, GM, WM, tumour remnant, cavity, blood/air). ``resected=False`` (``brainshift
+  simulate --pre-resection``): the iUS is taken before resection, the tumour in place, no cavity
+  and no collapse (as in RESECT).
 * landmarks: 10-20 per case, local maxima of a Forstner structure-tensor measure of the warped
-  anatomy, weighted toward the cavity, inside the fan at least 6 mm from its border, at least
-  2 mm outside the cavity, at least 5-15 mm apart.
+  anatomy, weighted toward the cavity, inside the FOV at least 4 mm from its border (any voxel by
+  score when there are too few local maxima), at least 2 mm outside the cavity, 5-15 mm apart.
 
 Everything is drawn from ``np.random.default_rng(seed)``; smooth fields are computed on a coarse grid
 (at most 65**3 nodes) and upsampled trilinearly; each image is resampled once from the template.
@@ -66,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
+from . import ultrasound
 from .fields import field_name, write_field
 from .io import Volume, save_landmarks, save_volume
 
@@ -82,6 +80,7 @@ class SimCase:
     fixed_landmarks: np.ndarray   # (N,3) integer voxel coords on the iUS grid
     moving_landmarks: np.ndarray  # (N,3) voxel coords in the MR grid
     fov_mask: np.ndarray          # (S,S,S) bool iUS field of view
+    labels: np.ndarray            # (S,S,S) uint8 tissue the iUS shows (ultrasound.LABELS), fixed grid
     params: dict
 
 
@@ -181,13 +180,14 @@ def _draw(rng: np.random.Generator, lo: float, hi: float) -> float:
 # --------------------------------------------------------------------------------------------
 # the case
 # --------------------------------------------------------------------------------------------
-def simulate_case(seed: int, shape: int = 96, spacing: float = 1.5) -> SimCase:
-    """One simulated case on a ``shape**3`` grid of ``spacing`` mm; see the module docstring."""
+def simulate_case(seed: int, shape: int = 96, spacing: float = 1.5, resected: bool = True) -> SimCase:
+    """One simulated case on a ``shape**3`` grid of ``spacing`` mm; see the module docstring. ``resected``
+    False: the iUS is taken before resection (tumour in place, no cavity or collapse), as in RESECT."""
     rng = np.random.default_rng(seed)
     tm = _template()
     S, h = int(shape), float(spacing)
     size = S * h / 128.0                                 # 1 for ReMIND2Reg's 128 mm cube
-    P: dict = {"seed": int(seed), "shape": S, "spacing": h}
+    P: dict = {"seed": int(seed), "shape": S, "spacing": h, "resected": bool(resected)}
 
     # tumour, craniotomy and probe (pre-op world = MNI mm)
     radius = _draw(rng, 8, 15) * min(size, 1.0)
@@ -211,6 +211,7 @@ def simulate_case(seed: int, shape: int = 96, spacing: float = 1.5) -> SimCase:
     rig = _rotation(rng.normal(size=3), _draw(rng, 1, 5))
     trans = _unit(rng.normal(size=3)) * _draw(rng, 2, 8)
     peak, sig_c = _draw(rng, 2, 5), _draw(rng, 1.0, 1.4) * radius
+    peak *= float(resected)                              # no cavity collapse before resection
     down = _tilt(rng, axis, 30.0)
     sink, sig_g = _draw(rng, 1, 4), _draw(rng, 25, 45) * size
     wob = _waves(rng, _draw(rng, 0.3, 1.0), (40, 100), 3)
@@ -250,20 +251,13 @@ def simulate_case(seed: int, shape: int = 96, spacing: float = 1.5) -> SimCase:
 
     t1, t2 = _mr_images(rng, mr_anat, mr_aux, radius, P)
     del mr_anat, mr_aux
-    us, fov, refl_struct = _ultrasound(rng, us_anat, us_d, affine, probe, axis, size, P)
+    us, fov, labels, refl_struct = _ultrasound(rng, us_anat, us_d, affine, probe, axis, size, resected, P)
+    del us_anat
     fixed_lm = _landmarks(rng, refl_struct, us_d, fov, truth, h, P)
     moving_lm = fixed_lm + truth[tuple(fixed_lm.astype(int).T)].astype(np.float64)
     P["n_landmarks"] = int(len(fixed_lm))
     P["fov_fraction"] = float(fov.mean())
-    return SimCase(us, t1, t2, affine, truth, fixed_lm, moving_lm, fov, json.loads(json.dumps(P)))
-
-
-def _box(d: np.ndarray, thr: float) -> tuple[slice, ...]:
-    """Bounding box (slices) of ``d < thr``, found on a 4x subsampled copy and padded by 4 voxels."""
-    idx = np.argwhere(d[::4, ::4, ::4] < thr) * 4
-    if not len(idx):
-        return (slice(0, 0),) * 3
-    return tuple(slice(max(a - 4, 0), b + 5) for a, b in zip(idx.min(0), idx.max(0)))
+    return SimCase(us, t1, t2, affine, truth, fixed_lm, moving_lm, fov, labels, json.loads(json.dumps(P)))
 
 
 def _mr_images(rng, anat: np.ndarray, aux: np.ndarray, radius: float, P: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -276,7 +270,7 @@ def _mr_images(rng, anat: np.ndarray, aux: np.ndarray, radius: float, P: dict) -
     core2, rim2, oed2 = _draw(rng, 0.6, 0.9), _draw(rng, 0.4, 0.6), _draw(rng, 0.1, 0.3)
     t1 = np.power(np.clip(T, 0, None), np.float32(gam))
     t2 = W + np.float32(g2) * G + np.float32(c2) * C
-    box = _box(d, 5 * oed_w)                       # the tumour and its oedema lie inside this box
+    box = ultrasound.bounding_box(d, 5 * oed_w)                       # the tumour and its oedema lie inside this box
     db = d[box]
     inside = np.clip(0.5 - db, 0, 1)
     rim = inside * np.clip(1 + db / rim_w, 0, 1)
@@ -300,93 +294,15 @@ def _mr_images(rng, anat: np.ndarray, aux: np.ndarray, radius: float, P: dict) -
 
 
 def _ultrasound(rng, anat: np.ndarray, d: np.ndarray, affine: np.ndarray, probe: np.ndarray, axis: np.ndarray,
-                size: float, P: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """iUS on the fixed grid from the pulled anatomy; returns (us, fov, structure image for landmarks)."""
+                size: float, resected: bool, P: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """iUS on the fixed grid from the pulled anatomy (see :mod:`brainshift.ultrasound`); returns
+    (us, fov, labels, structure image for the landmarks: WM + 0.55 GM, zero in the cavity)."""
     T, G, W, C = anat
-    S = T.shape[0]
-    h = float(np.linalg.norm(affine[:3, 0]))
-    rot = affine[:3, :3] / h
-    # fan geometry in the probe frame (mm), by broadcasting 1D axes
-    apex_off = _draw(rng, 10, 25) * size
-    apex_v = _apply(np.linalg.inv(affine), probe - axis * apex_off)
-    lat = _unit(np.cross(axis, rng.normal(size=3)))
-    ele = np.cross(axis, lat)
-    ar = [np.arange(S, dtype=np.float32) - np.float32(a) for a in apex_v]
-    def comp(e):
-        ev = (rot.T @ e * h).astype(np.float32)
-        return ar[0][:, None, None] * ev[0] + ar[1][None, :, None] * ev[1] + ar[2][None, None, :] * ev[2]
-    ax, la, el = comp(axis), comp(lat), comp(ele)
-    r = np.sqrt(ax * ax + la * la + el * el)
-    th_l, th_e, depth = _draw(rng, 45, 60), _draw(rng, 35, 50), _draw(rng, 90, 120) * size
-    fov = ((ax > apex_off) & (np.abs(la) < ax * np.tan(np.deg2rad(th_l))) & (np.abs(el) < ax * np.tan(np.deg2rad(th_e)))
-           & (r < depth))
-    del la, el
-    # echogenicity and reflectors
-    e_w, e_g, e_c = _draw(rng, 0.35, 0.5), _draw(rng, 0.18, 0.28), _draw(rng, 0.02, 0.05)
-    echo = np.float32(e_w) * W + np.float32(e_g) * G + np.float32(e_c) * C
+    geo = ultrasound.sweep_geometry(rng, affine, probe, axis, T.shape[0], size, P)
+    us, labels = ultrasound.bmode(rng, anat, d, geo, size, P, resected=resected)
     struct = W + np.float32(0.55) * G
-    box = _box(d, 8.0)                             # the cavity and its rim lie inside this box
-    inside = np.clip(0.5 - d[box], 0, 1)
-    echo[box] = (1 - inside) * echo[box] + inside * e_c
-    struct[box] *= 1 - inside
-    grads = np.gradient(struct, h)
-    gmag = np.sqrt(sum(g * g for g in grads))
-    facing = np.abs(sum(g * b for g, b in zip(grads, (ar[0][:, None, None], ar[1][None, :, None], ar[2][None, None, :])))) / (
-        gmag * r / h + 1e-6)
-    del grads
-    g_int, rim_gain, rim_w = _draw(rng, 3, 6), _draw(rng, 0.6, 1.0), _draw(rng, 1, 2)
-    facing *= np.float32(0.7)
-    facing += np.float32(0.3)
-    refl = facing
-    refl *= gmag
-    refl *= np.float32(g_int)
-    del facing, gmag
-    refl[box] += rim_gain * np.exp(-((d[box] - 0.5) / rim_w) ** 2)
-    n_blobs = int(rng.integers(2, 7))
-    wall = np.argwhere((np.abs(d[::2, ::2, ::2]) < 1.5) & fov[::2, ::2, ::2]) * 2
-    for c in wall[rng.choice(len(wall), min(n_blobs, len(wall)), replace=False)] if len(wall) else []:
-        rad, amp = _draw(rng, 1.5, 4) / h, _draw(rng, 0.8, 1.5)
-        lo, hi = np.maximum(c - int(3 * rad) - 1, 0), np.minimum(c + int(3 * rad) + 2, S)
-        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
-        gg = [np.exp(-((np.arange(a, b) - cc) ** 2) / (2 * rad ** 2)).astype(np.float32) for a, b, cc in zip(lo, hi, c)]
-        refl[sl] += amp * gg[0][:, None, None] * gg[1][None, :, None] * gg[2][None, None, :]
-    # shadowing: reflectivity integrated along the ray from the apex, on a coarse grid
-    att, beta = _draw(rng, 80, 160), _draw(rng, 0.1, 0.3)
-    f = max(1, int(round(2.0 / h)))
-    m = -(-S // f)
-    strong = np.maximum(refl - np.float32(0.8), 0)                   # only strong reflectors shadow
-    rc = np.pad(strong, [(0, m * f - S)] * 3, mode="edge").reshape(m, f, m, f, m, f).mean((1, 3, 5))
-    del strong
-    cn = (np.arange(m) * f + (f - 1) / 2.0)
-    pts = np.stack(np.meshgrid(cn, cn, cn, indexing="ij"), 0).reshape(3, -1)
-    K = 32
-    integ = np.zeros(pts.shape[1], np.float32)
-    for s in (np.arange(K) + 0.5) / K:
-        q = (apex_v[:, None] + (pts - apex_v[:, None]) * s - (f - 1) / 2.0) / f
-        integ += ndi.map_coordinates(rc, q, order=1, mode="nearest", output=np.float32)
-    dist = np.linalg.norm((pts - apex_v[:, None]) * h, axis=0)
-    integ *= dist / K                                   # mm x reflectivity
-    shadow = np.exp(-beta * integ).reshape(1, m, m, m).astype(np.float32)
-    shadow = F.interpolate(torch.from_numpy(shadow)[None], scale_factor=f, mode="trilinear", align_corners=False)[0, 0]
-    shadow = shadow[:S, :S, :S].numpy()
-    # speckle: complex Gaussian correlated over ~1 mm, Rayleigh magnitude, mean 1
-    fs = max(1, int(round(1.0 / h)))
-    ms = -(-S // fs)
-    re = ndi.gaussian_filter(rng.standard_normal((ms,) * 3, dtype=np.float32), 0.6)
-    im = ndi.gaussian_filter(rng.standard_normal((ms,) * 3, dtype=np.float32), 0.6)
-    sp = np.sqrt(re * re + im * im)
-    sp /= sp.mean()
-    if h > 0.8:                                    # coarse voxels average several speckle grains
-        sp = 1 + (sp - 1) * np.float32(0.8 / h)
-    if fs > 1:
-        sp = F.interpolate(torch.from_numpy(sp)[None, None], scale_factor=fs, mode="trilinear", align_corners=False)[0, 0, :S, :S, :S].numpy()
-    gain = _draw(rng, 0.75, 1.15)
-    env = (echo + refl) * sp * shadow * np.exp(-np.maximum(r - apex_off, 0) / att)
-    us = np.where(fov, np.round(255 * np.clip(gain * env, 0, 1) ** 0.7), 0).astype(np.float32)
-    P.update(fan_lateral_deg=th_l, fan_elevation_deg=th_e, fan_depth_mm=depth, apex_offset_mm=apex_off,
-             echo_wm=e_w, echo_gm=e_g, echo_fluid=e_c, interface_gain=g_int, rim_gain=rim_gain, rim_width_mm=rim_w,
-             n_blobs=int(min(n_blobs, len(wall))), attenuation_mm=att, shadow_beta=beta, us_gain=gain)
-    return us, fov, struct
+    struct[labels == ultrasound.LABELS["cavity"]] = 0
+    return us, geo["fov"], labels, struct
 
 
 def _landmarks(rng, struct: np.ndarray, d: np.ndarray, fov: np.ndarray, truth: np.ndarray, h: float,
@@ -403,22 +319,25 @@ def _landmarks(rng, struct: np.ndarray, d: np.ndarray, fov: np.ndarray, truth: n
     ds = d[::f, ::f, ::f]
     score *= np.exp(-np.maximum(ds, 0) / 25.0)
     fov_s = fov[::f, ::f, ::f]
-    inner = ndi.distance_transform_edt(np.pad(fov_s, 1))[1:-1, 1:-1, 1:-1] * hs > 6.0
+    inner = ndi.distance_transform_edt(np.pad(fov_s, 1))[1:-1, 1:-1, 1:-1] * hs > 4.0
     S = fov.shape[0]
     q = (np.argwhere(np.ones(s.shape, bool)) * f).reshape(s.shape + (3,)) + truth[::f, ::f, ::f]
     in_mr = ((q >= 1) & (q <= S - 2)).all(-1)
-    cand = inner & (ds > 2.0) & in_mr & (s > 0.3) & (score == ndi.maximum_filter(score, 3)) & (score > 0)
-    pts = np.argwhere(cand)
-    order = np.argsort(-score[cand], kind="stable")
-    pts = pts[order[:4000]]
+    ok = inner & (ds > 2.0) & in_mr & (s > 0.3) & (score > 0)
     want = int(rng.integers(10, 21))
-    for sep in (15.0, 12.0, 10.0, 8.0, 6.5, 5.0):
-        chosen: list[np.ndarray] = []
-        for p in pts:
-            if all(np.linalg.norm((p - c) * hs) >= sep for c in chosen):
-                chosen.append(p)
-                if len(chosen) == want:
-                    break
+    # local maxima of the score first; in a small field of view, any voxel by score
+    for cand in (ok & (score == ndi.maximum_filter(score, 3)), ok):
+        pts = np.argwhere(cand)
+        pts = pts[np.argsort(-score[cand], kind="stable")[:4000]]
+        for sep in (15.0, 12.0, 10.0, 8.0, 6.5, 5.0):
+            chosen: list[np.ndarray] = []
+            for p in pts:
+                if all(np.linalg.norm((p - c) * hs) >= sep for c in chosen):
+                    chosen.append(p)
+                    if len(chosen) == want:
+                        break
+            if len(chosen) == want:
+                break
         if len(chosen) == want:
             break
     if len(chosen) < 10:
@@ -433,11 +352,13 @@ def _landmarks(rng, struct: np.ndarray, d: np.ndarray, fov: np.ndarray, truth: n
 def write_case(case: SimCase, out: Path, case_id: str) -> list[Path]:
     """Dataset layout: ``imagesTr/ReMIND2Reg_{id}_000{0,1,2}.nii.gz``, ``landmarksTr/..._000{0,1,2}.csv``
     (voxel coords; _0001 and _0002 identical, same MR grid), ``truth/disp_{id}_0000_{id}_000{1,2}.nii.gz``
-    (pull field, voxel units, fixed grid). Returns the written paths."""
+    (pull field, voxel units, fixed grid), ``labels/{stem}_0000.nii.gz`` (uint8 tissue labels of the iUS,
+    :data:`brainshift.ultrasound.LABELS`). Returns the written paths."""
     out = Path(out)
     stem = f"{PREFIX}_{case_id}"
     paths = [save_volume(out / "imagesTr" / f"{stem}_{tag}.nii.gz", Volume(img, case.affine))
              for tag, img in (("0000", case.us), ("0001", case.t1), ("0002", case.t2))]
+    paths.append(save_volume(out / "labels" / f"{stem}_0000.nii.gz", Volume(case.labels, case.affine)))
     paths.append(save_landmarks(out / "landmarksTr" / f"{stem}_0000.csv", case.fixed_landmarks))
     for tag in ("0001", "0002"):
         paths.append(save_landmarks(out / "landmarksTr" / f"{stem}_{tag}.csv", case.moving_landmarks))
@@ -451,7 +372,7 @@ def write_case(case: SimCase, out: Path, case_id: str) -> list[Path]:
 
 
 def simulate_dataset(out: Path, cases: int, seed: int = 0, shape: int = 96, spacing: float = 1.5,
-                     preview: bool = False, progress: bool = True) -> list[Path]:
+                     preview: bool = False, progress: bool = True, resected: bool = True) -> list[Path]:
     """Cases 0001..N (case k: seed from ``SeedSequence([seed, k])``), ``ReMIND2Reg_dataset.json`` with the
     pairs under ``registration_val``, optional ``preview/ReMIND2Reg_XXXX.png``. Returns written paths."""
     from tqdm import tqdm
@@ -471,7 +392,7 @@ def simulate_dataset(out: Path, cases: int, seed: int = 0, shape: int = 96, spac
         pending = None
         for k in tqdm(range(1, cases + 1), desc="simulate", disable=not progress, dynamic_ncols=True):
             cid = f"{k:04d}"
-            case = simulate_case(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]), shape, spacing)
+            case = simulate_case(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]), shape, spacing, resected)
             if pending is not None:
                 paths += pending.result()
             pending = pool.submit(save, case, cid)
@@ -483,7 +404,7 @@ def simulate_dataset(out: Path, cases: int, seed: int = 0, shape: int = 96, spac
             paths += pending.result()
     meta = {"name": "ReMIND2Reg (simulated by brainshift.synth)", "tensorImageSize": {"0": "3D", "1": "3D", "2": "3D"},
             "modality": {"0": "US", "1": "ceT1", "2": "T2"}, "tensorImageShape": {"0": [shape] * 3},
-            "spacing_mm": spacing, "seed": seed, "numRegistration_val": len(pairs), "registration_val": pairs}
+            "spacing_mm": spacing, "seed": seed, "resected": resected, "numRegistration_val": len(pairs), "registration_val": pairs}
     js = out / f"{PREFIX}_dataset.json"
     out.mkdir(parents=True, exist_ok=True)
     tmp = js.with_name(f".{js.name}.tmp")
@@ -505,17 +426,18 @@ def preview_png(us: np.ndarray, t1: np.ndarray, path: Path, landmarks: np.ndarra
     nz = np.argwhere(us > 0)
     c = nz.mean(0).round().astype(int) if len(nz) else np.array(us.shape) // 2
     hi = np.percentile(t1, 99.5) or 1.0
+    us_hi = float(np.percentile(us[us > 0], 99.5)) if (us > 0).any() else 255.0
     fig, axes = plt.subplots(3, 3, figsize=(12, 12))
     for col in range(3):
         sl = [slice(None)] * 3
         sl[col] = c[col]
         u, t = us[tuple(sl)].T, t1[tuple(sl)].T
         rest = [a for a in range(3) if a != col]
-        for row, (img, cmap, vmax) in enumerate(((u, "gray", 255), (t, "gray", hi), (t, "gray", hi))):
+        for row, (img, cmap, vmax) in enumerate(((u, "gray", us_hi), (t, "gray", hi), (t, "gray", hi))):
             ax = axes[row, col]
             ax.imshow(img, cmap=cmap, vmin=0, vmax=vmax, origin="lower")
             if row == 2:
-                ax.imshow(np.ma.masked_equal(u, 0), cmap="hot", vmin=0, vmax=255, alpha=0.45, origin="lower")
+                ax.imshow(np.ma.masked_equal(u, 0), cmap="hot", vmin=0, vmax=us_hi, alpha=0.45, origin="lower")
             if landmarks is not None:
                 near = np.abs(landmarks[:, col] - c[col]) <= 3
                 ax.plot(landmarks[near, rest[0]], landmarks[near, rest[1]], "c+", ms=10, mew=2)
