@@ -143,8 +143,24 @@ EOF
     cp "$IN/ReMIND2Reg_0002_0001.nii.gz" "$BAD/"
     : > "$BAD/ReMIND2Reg_0003_0000.nii.gz"                                                 # 0 bytes
     cp "$IN/ReMIND2Reg_0002_0001.nii.gz" "$BAD/ReMIND2Reg_0003_0001.nii.gz"
+    cp "$IN/ReMIND2Reg_0002_0001.nii.gz" "$BAD/ReMIND2Reg_0005_0001.nii.gz"                # MR without its iUS
+    .venv/bin/python - "$IN" "$BAD" <<'EOF'
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from brainshift.io import load_volume, save_volume
+
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+us = load_volume(src / "ReMIND2Reg_0002_0000.nii.gz")
+us.data[10, 10, 10] = np.nan                                                   # a NaN voxel in the iUS
+save_volume(dst / "ReMIND2Reg_0004_0000.nii.gz", us)
+save_volume(dst / "ReMIND2Reg_0004_0001.nii.gz", load_volume(src / "ReMIND2Reg_0002_0001.nii.gz"))
+EOF
     chmod -R a+rX "$BAD"
-    log "bad input through the container (truncated and empty iUS among a good case; identity method)"
+    log "bad input through the container (truncated, empty and NaN iUS, an MR without its iUS, among a good" \
+        "case; identity method)"
     rc=0
     METHOD=identity run_container "$BAD" "$WORK/out_bad" 2> "$WORK/bad.err" || rc=$?
     sed 's/^/    stderr: /' "$WORK/bad.err" | grep -v '^    stderr: *$' | head -n 8
