@@ -77,7 +77,7 @@ def test_exported_transform_resamples_like_warp(tmp_path, suffix):
     inside = _interior(disp, MOVING_SHAPE)
     assert inside.mean() > 0.5
     # same field, same trilinear interpolation: equal up to float32 rounding of the vectors and the index maths
-    np.testing.assert_allclose(itk_warped[inside], ours[inside], atol=0.05)  # intensities span 0..1000
+    np.testing.assert_allclose(itk_warped[inside], ours[inside], atol=0.01)  # intensities span 0..1000; measured max 8e-4
     # ... and nowhere near a wrong convention (e.g. the inverse direction or RAS vectors)
     wrong = fields.warp(moving.data, -disp, order=1)
     assert np.abs(itk_warped[inside] - ours[inside]).max() < 0.01 * np.abs(wrong[inside] - ours[inside]).max()
