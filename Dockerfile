@@ -30,19 +30,24 @@ ENV BRAINSHIFT_MODALITY=${MODALITY} \
 WORKDIR /opt/brainshift
 COPY requirements.txt ./
 # One layer: (without a wheelhouse) a compiler and CMake to build NiftyReg's official binaries from PyPI's
-# source package, the pinned torch if the base has another, the requirements, then the compiler goes again.
+# source package, the pinned torch if the base has another, the requirements, then every package apt added
+# goes again but libgomp1 (NiftyReg's OpenMP run time).
 RUN set -eux; \
     for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_FIND_LINKS; do \
         eval "[ -n \"\${$v}\" ] || unset $v"; done; \
     pip_install="pip install --no-cache-dir ${PIP_FIND_LINKS:+--no-index}"; \
     if [ -z "${PIP_FIND_LINKS:-}" ]; then \
-        apt-get update; apt-get install -y --no-install-recommends build-essential cmake libgomp1; fi; \
+        saved="$(apt-mark showmanual)"; apt-get update; \
+        apt-get install -y --no-install-recommends build-essential cmake libgomp1; fi; \
     have="$(python -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)"; \
     if [ "$have" != "$TORCH_VERSION" ]; then $pip_install "torch==${TORCH_VERSION}"; fi; \
     grep -v '^torch' requirements.txt > /tmp/requirements.txt; \
     CMAKE_POLICY_VERSION_MINIMUM=3.5 $pip_install -r /tmp/requirements.txt; \
     if [ -z "${PIP_FIND_LINKS:-}" ]; then \
-        apt-get purge -y --auto-remove build-essential cmake; rm -rf /var/lib/apt/lists/*; fi; \
+        apt-mark auto '.*' > /dev/null; apt-mark manual $saved libgomp1 > /dev/null; \
+        apt-get purge -y --auto-remove -o APT::AutoRemove::RecommendsImportant=false \
+            -o APT::AutoRemove::SuggestsImportant=false; \
+        apt-get clean; rm -rf /var/lib/apt/lists/*; fi; \
     rm -f /tmp/requirements.txt; \
     python -c "import torch; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__"
 
