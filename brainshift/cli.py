@@ -97,6 +97,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 1 if problems or not results else 0
 
 
+def cmd_export_transform(args: argparse.Namespace) -> int:
+    """A Learn2Reg voxel pull field -> ITK displacement-field transform (LPS mm) for ITK, ANTs, 3D Slicer."""
+    import numpy as np
+
+    from .fields import read_field, write_itk_transform
+    from .io import InputError, _read_itk, load_volume, one_line
+
+    field = Path(args.field)
+    out = Path(args.output) if args.output else field.with_name(
+        field.name.split(".")[0] + ("_itk.nii.gz" if args.to == "itk" else "_slicer.h5"))
+    try:
+        disp = read_field(field)
+        fixed = load_volume(args.fixed)
+        if disp.shape[:3] != fixed.shape:
+            raise InputError(f"{field}: field grid {disp.shape[:3]} is not the fixed image's grid {fixed.shape} "
+                             f"({args.fixed}); a Learn2Reg field lives on the fixed grid")
+        if args.moving:
+            moving_affine = load_volume(args.moving).affine
+        elif field.name.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            moving_affine = np.asarray(nib.load(str(field)).affine, dtype=np.float64)
+        else:
+            moving_affine = _read_itk(field)[1]
+        path = write_itk_transform(out, disp, fixed.affine, moving_affine)
+    except (InputError, ValueError, OSError, RuntimeError) as exc:
+        _err(one_line(str(exc), limit=500))
+        return 1
+    print(f"ITK displacement-field transform (LPS mm, fixed -> moving points) written to {path}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .io import InputError
     from .report import build_html
@@ -274,6 +306,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iUS before resection (tumour in place, no cavity, no collapse; as RESECT) instead of after")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_simulate)
+
+    x = sub.add_parser("export-transform", help="a field as an ITK displacement-field transform (LPS mm) for "
+                       "3D Slicer, ANTs, ITK-SNAP, SimpleITK",
+                       description="Convert a Learn2Reg voxel pull field (X,Y,Z,3, voxel units, on the fixed grid, "
+                       "header = moving affine) into an ITK displacement-field transform in world millimetres, LPS: "
+                       "it maps points of the fixed (iUS) space to the moving (MR) space, the direction ITK and 3D "
+                       "Slicer resample with, so applied to the MR it puts the MR onto the iUS. --to itk writes a "
+                       "3-vector image (.nii.gz, also .nrrd/.mha by -o); --to slicer an ITK transform file (.h5, "
+                       "also .tfm by -o) that Slicer loads as a transform. The vectors depend on both grids: "
+                       "--fixed is required; the moving grid is read from the field's header unless --moving is given.")
+    x.add_argument("field", metavar="FIELD", help="displacement field (.nii.gz or .mha) written by `brainshift run`")
+    x.add_argument("--fixed", required=True, help="the fixed image (iUS) the field was computed on")
+    x.add_argument("--moving", default=None,
+                   help="the moving image (MR); default: its grid is the field header's affine (as `run` writes it)")
+    x.add_argument("--to", choices=("itk", "slicer"), default="itk",
+                   help="itk: vector image FIELD_itk.nii.gz (default); slicer: transform file FIELD_slicer.h5")
+    x.add_argument("-o", "--output", default=None,
+                   help="output file; its suffix picks the format (.h5/.tfm transform file, .nii.gz/.nrrd/.mha image)")
+    x.set_defaults(func=cmd_export_transform)
 
     rp = sub.add_parser("report", help="gather the QC of a run into one HTML page: DIR/report.html",
                         description="Build DIR/report.html from DIR/qc/ (written by `brainshift run`, unless --no-qc): "

@@ -126,3 +126,89 @@ def read_field(path: str | os.PathLike) -> np.ndarray:
     if disp.ndim != 4 or disp.shape[3] != 3:
         raise InputError(f"{path}: displacement field must have shape (X,Y,Z,3), got {disp.shape}")
     return disp
+
+
+# --------------------------------------------------------------------------------------------
+# ITK / 3D Slicer export
+# --------------------------------------------------------------------------------------------
+#: File suffixes :func:`write_itk_transform` writes as an ITK transform file; others as a vector image.
+ITK_TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt")
+
+
+def itk_displacement(disp: np.ndarray, fixed_affine: np.ndarray, moving_affine: np.ndarray) -> np.ndarray:
+    """The Learn2Reg voxel pull field as ITK's displacement: (X,Y,Z,3) float64, **LPS mm**, fixed grid.
+
+    ``disp`` (X,Y,Z,3, voxels) maps fixed voxel ``p`` to moving voxel ``q = p + disp[p]``; the
+    result ``d`` maps the fixed world point ``x = A_fixed p`` to the moving world point
+    ``x + d[p] = A_moving q``, both in ITK's LPS world (``x_lps = diag(-1,-1,1) x_ras``). That is
+    the direction ITK resamples with (and 3D Slicer reads from a transform file): a transform maps
+    points of the output (fixed) space to the input (moving) space, a pull. Exact, no interpolation.
+    """
+    disp = np.asarray(disp)
+    if disp.ndim != 4 or disp.shape[3] != 3:
+        raise ValueError(f"a displacement field has shape (X,Y,Z,3), not {disp.shape}")
+    a_f, a_m = np.asarray(fixed_affine, dtype=np.float64), np.asarray(moving_affine, dtype=np.float64)
+    # d_ras = A_m[:3,:3] (p + disp) + t_m - (A_f[:3,:3] p + t_f), one channel at a time (memory)
+    lin, shift = a_m[:3, :3] - a_f[:3, :3], a_m[:3, 3] - a_f[:3, 3]
+    idx = [np.arange(n, dtype=np.float64).reshape([n if a == c else 1 for a in range(3)])
+           for c, n in enumerate(disp.shape[:3])]
+    out = np.empty(disp.shape, dtype=np.float64)
+    for c in range(3):
+        sign = -1.0 if c < 2 else 1.0  # RAS -> LPS: x and y change sign
+        d = shift[c] + lin[c, 0] * idx[0] + lin[c, 1] * idx[1] + lin[c, 2] * idx[2]
+        for j in range(3):
+            d = d + a_m[c, j] * disp[..., j]
+        out[..., c] = sign * d
+    return out
+
+
+def _itk_vector_image(vectors: np.ndarray, affine: np.ndarray):
+    """SimpleITK vector image (float64) of (X,Y,Z,3) ``vectors`` on the grid ``affine`` (voxel -> RAS mm)."""
+    import SimpleITK as sitk
+
+    from .io import LPS_RAS
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(vectors, (2, 1, 0, 3)), dtype=np.float64),
+                                 isVector=True)
+    lps = LPS_RAS @ np.asarray(affine, dtype=np.float64)
+    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
+    img.SetSpacing(spacing.tolist())
+    img.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
+    img.SetOrigin(lps[:3, 3].tolist())
+    return img
+
+
+def itk_transform(disp: np.ndarray, fixed_affine: np.ndarray, moving_affine: np.ndarray):
+    """``sitk.DisplacementFieldTransform`` of a Learn2Reg pull field (see :func:`itk_displacement`).
+
+    ``sitk.Resample(moving_image, fixed_image, itk_transform(...))`` puts the moving image on the
+    fixed grid, as :func:`warp` does.
+    """
+    import SimpleITK as sitk
+
+    return sitk.DisplacementFieldTransform(_itk_vector_image(itk_displacement(disp, fixed_affine, moving_affine),
+                                                             fixed_affine))
+
+
+def write_itk_transform(path: str | os.PathLike, disp: np.ndarray, fixed_affine: np.ndarray,
+                        moving_affine: np.ndarray) -> Path:
+    """Write a pull field as an ITK displacement-field transform (LPS mm, fixed grid), atomically.
+
+    ``.h5``/``.hdf5``/``.tfm``/``.txt``: an ITK transform file (float64), as 3D Slicer, ANTs and
+    ``sitk.ReadTransform`` load it. Any other image suffix (``.nii.gz``, ``.nrrd``, ``.mha``): a 3-component
+    float32 vector image on the fixed grid holding the displacement in LPS mm, written by ITK
+    itself (ITK's NIfTI reader gives back exactly these vectors), the form ANTs and ITK-SNAP use;
+    ``sitk.DisplacementFieldTransform(sitk.Cast(img, sitk.sitkVectorFloat64))`` makes it a transform.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    vectors = itk_displacement(disp, fixed_affine, moving_affine)
+    if path.name.lower().endswith(ITK_TRANSFORM_SUFFIXES):
+        def writer(tmp: Path) -> None:
+            sitk.WriteTransform(sitk.DisplacementFieldTransform(_itk_vector_image(vectors, fixed_affine)), str(tmp))
+    else:
+        def writer(tmp: Path) -> None:
+            img = sitk.Cast(_itk_vector_image(vectors, fixed_affine), sitk.sitkVectorFloat32)
+            sitk.WriteImage(img, str(tmp), useCompression=True)
+    return _atomic_write(path, writer)
