@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 from . import ultrasound
+from .ultrasound import _draw, _unit
 from .fields import field_name, write_field
 from .io import Volume, save_landmarks, save_volume
 
@@ -125,10 +126,6 @@ def _apply(m: np.ndarray, x: np.ndarray) -> np.ndarray:
     return x @ m[:3, :3].T + m[:3, 3]
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v)
-
-
 def _rotation(axis: np.ndarray, deg: float) -> np.ndarray:
     """Rodrigues rotation matrix."""
     a = _unit(np.asarray(axis, float))
@@ -171,10 +168,6 @@ def _sample_template(tcoords: np.ndarray, size: int) -> np.ndarray:
     grid = _up(norm[::-1], size, last=True)[None]                     # grid_sample wants (k, j, i)
     out = F.grid_sample(tm["chans"], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out[0].contiguous().numpy()
-
-
-def _draw(rng: np.random.Generator, lo: float, hi: float) -> float:
-    return float(rng.uniform(lo, hi))
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,22 +321,26 @@ def _landmarks(rng, struct: np.ndarray, d: np.ndarray, fov: np.ndarray, truth: n
     # local maxima of the score first; in a small field of view, any voxel by score
     for cand in (ok & (score == ndi.maximum_filter(score, 3)), ok):
         pts = np.argwhere(cand)
-        pts = pts[np.argsort(-score[cand], kind="stable")[:4000]]
-        for sep in (15.0, 12.0, 10.0, 8.0, 6.5, 5.0):
-            chosen: list[np.ndarray] = []
-            for p in pts:
-                if all(np.linalg.norm((p - c) * hs) >= sep for c in chosen):
-                    chosen.append(p)
-                    if len(chosen) == want:
-                        break
-            if len(chosen) == want:
-                break
+        chosen, sep = _spread(pts[np.argsort(-score[cand], kind="stable")[:4000]], want, hs)
         if len(chosen) == want:
             break
     if len(chosen) < 10:
         raise RuntimeError(f"seed {P['seed']}: only {len(chosen)} landmark candidates in the iUS field of view")
     P["landmark_separation_mm"] = sep
     return np.array(chosen, dtype=np.float64) * f
+
+
+def _spread(pts: np.ndarray, want: int, hs: float) -> tuple[list[np.ndarray], float]:
+    """Greedily take ``want`` of ``pts`` (best first) at least ``sep`` mm apart (grid step ``hs`` mm),
+    the largest ``sep`` of 15..5 mm that allows it; returns (chosen, sep), fewer than ``want`` at 5 mm."""
+    for sep in (15.0, 12.0, 10.0, 8.0, 6.5, 5.0):
+        chosen: list[np.ndarray] = []
+        for p in pts:
+            if all(np.linalg.norm((p - c) * hs) >= sep for c in chosen):
+                chosen.append(p)
+                if len(chosen) == want:
+                    return chosen, sep
+    return chosen, sep
 
 
 # --------------------------------------------------------------------------------------------

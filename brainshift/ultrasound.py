@@ -169,10 +169,10 @@ def sweep_geometry(rng: np.random.Generator, affine: np.ndarray, probe: np.ndarr
     P.update(apex_radius_mm=rc, sector_half_deg=float(np.rad2deg(half)), fan_depth_mm=depth_max, sweep_mm=sweep,
              sweep_fan_deg=float(np.rad2deg(fan_e)), fov_ml=float(fov.sum() * h ** 3 / 1000))
     return {"fov": fov, "depth": depth, "beam": beam, "apex_v": apex_v[:3], "axis": axis, "lat": lat, "ele": ele,
-            "rot": rot, "h": h, "rc": rc}
+            "rot": rot, "h": h}
 
 
-def tissue_labels(anat: np.ndarray, d: np.ndarray, remnant: np.ndarray | None) -> np.ndarray:
+def tissue_labels(anat: np.ndarray, d: np.ndarray, remnant: np.ndarray) -> np.ndarray:
     """Label map (uint8, :data:`LABELS`) of the tissue each fixed voxel shows: CSF where the fluid share
     ``1 - GM - WM`` is at least 0.35 (keeps the thin sulci of the blurred template), else GM or WM by
     the larger probability; outside the brain where ``CSF + GM + WM < 0.5``; the remnant tumour and the
@@ -183,8 +183,7 @@ def tissue_labels(anat: np.ndarray, d: np.ndarray, remnant: np.ndarray | None) -
     lab[(C + G + W) < 0.5] = LABELS["outside"]
     tum = d < 0
     lab[tum] = LABELS["cavity"]
-    if remnant is not None:
-        lab[tum & remnant] = LABELS["tumour"]
+    lab[tum & remnant] = LABELS["tumour"]
     return lab
 
 
@@ -242,8 +241,7 @@ def bmode(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: dict, 
         rim_irr = np.clip(1 + 0.6 * _smooth_noise(rng, bshape, 2.0 / h), 0.1, None)
         wall = np.exp(-(np.maximum(db, 0) / (rim_w * rim_irr)) ** 2) * np.clip(db + 1, 0, 1)   # on the wall, not in the fluid
         strong[box] = np.float32(rim_gain) * wall * (1 - soft_rem) * np.clip(1 + 0.5 * _smooth_noise(rng, bshape, 1.0 / h), 0, None)
-        del wall
-        del rim_irr
+        del wall, rim_irr
     n_blobs = int(rng.integers(2, 7))
     wall_pts = np.argwhere((np.abs(d[::2, ::2, ::2]) < 1.5) & fov[::2, ::2, ::2]) * 2
     picked = wall_pts[rng.choice(len(wall_pts), min(n_blobs, len(wall_pts)), replace=False)] if len(wall_pts) else []
