@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import map_coordinates
 
-from .io import InputError, _atomic_write, _write_image
+from .io import InputError, _atomic_write, _write_image, itk_image
 
 
 def voxel_matrix(world_matrix: np.ndarray, fixed_affine: np.ndarray, moving_affine: np.ndarray) -> np.ndarray:
@@ -162,22 +162,6 @@ def itk_displacement(disp: np.ndarray, fixed_affine: np.ndarray, moving_affine: 
     return out
 
 
-def _itk_vector_image(vectors: np.ndarray, affine: np.ndarray):
-    """SimpleITK vector image (float64) of (X,Y,Z,3) ``vectors`` on the grid ``affine`` (voxel -> RAS mm)."""
-    import SimpleITK as sitk
-
-    from .io import LPS_RAS
-
-    img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(vectors, (2, 1, 0, 3)), dtype=np.float64),
-                                 isVector=True)
-    lps = LPS_RAS @ np.asarray(affine, dtype=np.float64)
-    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
-    img.SetSpacing(spacing.tolist())
-    img.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
-    img.SetOrigin(lps[:3, 3].tolist())
-    return img
-
-
 def itk_transform(disp: np.ndarray, fixed_affine: np.ndarray, moving_affine: np.ndarray):
     """``sitk.DisplacementFieldTransform`` of a Learn2Reg pull field (see :func:`itk_displacement`).
 
@@ -186,8 +170,7 @@ def itk_transform(disp: np.ndarray, fixed_affine: np.ndarray, moving_affine: np.
     """
     import SimpleITK as sitk
 
-    return sitk.DisplacementFieldTransform(_itk_vector_image(itk_displacement(disp, fixed_affine, moving_affine),
-                                                             fixed_affine))
+    return sitk.DisplacementFieldTransform(itk_image(itk_displacement(disp, fixed_affine, moving_affine), fixed_affine))
 
 
 def write_itk_transform(path: str | os.PathLike, disp: np.ndarray, fixed_affine: np.ndarray,
@@ -206,9 +189,9 @@ def write_itk_transform(path: str | os.PathLike, disp: np.ndarray, fixed_affine:
     vectors = itk_displacement(disp, fixed_affine, moving_affine)
     if path.name.lower().endswith(ITK_TRANSFORM_SUFFIXES):
         def writer(tmp: Path) -> None:
-            sitk.WriteTransform(sitk.DisplacementFieldTransform(_itk_vector_image(vectors, fixed_affine)), str(tmp))
+            sitk.WriteTransform(sitk.DisplacementFieldTransform(itk_image(vectors, fixed_affine)), str(tmp))
     else:
         def writer(tmp: Path) -> None:
-            img = sitk.Cast(_itk_vector_image(vectors, fixed_affine), sitk.sitkVectorFloat32)
+            img = sitk.Cast(itk_image(vectors, fixed_affine), sitk.sitkVectorFloat32)
             sitk.WriteImage(img, str(tmp), useCompression=True)
     return _atomic_write(path, writer)

@@ -195,15 +195,23 @@ def _write_image(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
         return
     import SimpleITK as sitk
 
+    sitk.WriteImage(itk_image(data, affine), str(path), useCompression=True)
+
+
+def itk_image(data: np.ndarray, affine: np.ndarray):
+    """SimpleITK image of an (X,Y,Z) array or an (X,Y,Z,C) vector array on the grid ``affine``
+    (voxel -> RAS mm); SimpleITK stores the geometry in LPS."""
+    import SimpleITK as sitk
+
     arr = np.asarray(data)
     vector = arr.ndim == 4
     itk = sitk.GetImageFromArray(np.transpose(arr, (2, 1, 0, 3) if vector else (2, 1, 0)), isVector=vector)
-    lps = LPS_RAS @ affine
+    lps = LPS_RAS @ np.asarray(affine, dtype=np.float64)
     spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
     itk.SetSpacing(spacing.tolist())
     itk.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
     itk.SetOrigin(lps[:3, 3].tolist())
-    sitk.WriteImage(itk, str(path), useCompression=True)
+    return itk
 
 
 def _atomic_write(path: Path, writer) -> Path:
