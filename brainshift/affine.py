@@ -1,26 +1,46 @@
-"""Coarse stage: affine/rigid registration with NiftyReg's block matching (reg_aladin).
+"""Coarse stage: a global transform (identity, rigid or affine) by NiftyReg's block matching.
 
 All matrices: NiftyReg convention, fixed (iUS) world -> moving (MR) world, RAS mm.
 
-:func:`affine_stage` is the paper's affine stage (reg_aladin, 4-voxel blocks, ``-pv 25``, masks
-from the iUS field of view; symmetric, 12 dof, header initialisation as measured best, see
-:data:`STAGE_OPTIONS`) with the LTS inlier share ``-pi`` chosen per case by the SSC-MSE between the
-fixed image and the resampled moving image inside the field of view, plus what the paper lacks:
-failed or degenerate candidates (scaling, translation, field of view lost) are rejected and the
-identity is kept whenever no candidate beats it on SSC-MSE.
+:func:`affine_stage` runs a set of **candidates** and keeps the one a similarity **criterion**
+scores best against the raw iUS; the identity (the navigation's own alignment) is always a
+candidate, so the result is never worse than it by that criterion. A candidate with more degrees of freedom must beat the
+simpler choice by a margin (:func:`select`). Candidates, for every fixed image offered (the raw iUS, and the synthetic T1 when the style stage runs):
 
-How the grid fits the time budget: the grid of shares is searched at the coarse level only
-(both images mean-pooled by 2, i.e. 1 mm for 0.5 mm data, ``-ln 1``), the runs of the grid in
-parallel processes (one OpenMP thread each: with several processes on 2 cores ``-omp 2`` was
-slower, not faster). With ``refine=True`` the best share is then re-run at full resolution
-(``-ln 1`` from the coarse matrix), which makes the paper's two levels (1 mm then 0.5 mm); it is
-off by default: at 256^3 on 2 cores that one 0.5 mm run cost 35-90 s (non-symmetric, rigid or
-12-dof ``-affDirect``; 226 s rigid-then-affine) and did not pay off on the simulated cases: TRE rose in 4 of 5 tries and fell 0.02 mm in the
-fifth (the 226 s one).
-SSC-MSE is evaluated on the coarse grid.
+* ``rigid``: reg_aladin ``-rigOnly`` (6 dof), one per LTS inlier share ``-pi``, from the identity and
+  from the global start below;
+* ``affine``: reg_aladin 12 dof optimised directly (``-affDirect``, symmetric), one per share, from
+  the better start;
+* ``baseline``: the organisers' plain rigid NiftyReg set-up (:data:`OFFICIAL_RIGID`) on the same
+  pooled images, so the stage never loses to the plain rigid baseline by the criterion either.
+
+**Global start** (against divergence): before block matching, an exhaustive search over
+translations (coarse to fine: 4 then 2 mm steps on 4 and 2 mm grids, within +-12 mm) scored by
+LC2 on the field of view's bounding box; block matching then starts from the best
+translation as well as from the identity.
+
+**Criteria** (see :class:`_Scorer`): ``lc2`` (:mod:`brainshift.lc2`, Wein et al. 2013: iUS as
+a local linear combination of the MR and its gradient magnitude; higher is better) and ``ssc``
+(SSC-descriptor MSE, the paper's; lower is better). Both are computed for every candidate and
+recorded; :data:`DEFAULT_CRITERION` picks. Why SSC: its selection regret (TRE of the candidate it
+picks minus the best candidate's) was the lower on 4 simulated dev cases (seed 3: 0.011 mm vs LC2's
+0.021 mm; docs/MEASUREMENTS.md). Both are scored only where their patches lie inside the field of
+view: with the border included, LC2 ranked a rigid result above the true matrix of a scaled toy case,
+and a pure-noise "iUS" preferred a moving image slid onto the FOV border. LC2 drives the translation search
+(it is batched there) and is recorded for every candidate.
+
+**Sanity**: a candidate is rejected when its matrix is degenerate (:func:`check_matrix`: scaling
+outside :data:`SCALE_RANGE` or :data:`DET_RANGE`, a large shift of the field of view) or loses the
+field of view.
+
+**Speed**: everything runs at about 1 mm (images mean-pooled by 2 for 0.5 mm data): the search, the
+reg_aladin runs (``threads`` processes at a time, one OpenMP thread each, cheap rigid runs first)
+and the scoring, which is cropped to the field of view's bounding box. Every image is pooled and
+written once.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -31,9 +51,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 import torch.nn.functional as F
 
 from . import ssc
+from .lc2 import lc2, lc2_batch
 from .fields import voxel_matrix
 from .io import Volume, save_volume
 from .niftyreg import AladinOptions, NiftyRegError, reg_aladin, run_aladin
@@ -59,14 +81,22 @@ OFFICIAL_RIGID = AladinOptions(rigid_only=True, symmetric=False, header_init=Tru
 STAGE_OPTIONS = AladinOptions(rigid_only=False, symmetric=True, header_init=True, levels=1, percent_blocks=25,
                               extra=("-affDirect",))
 
-#: LTS inlier shares (``-pi``, percent) searched per case: the SSC-MSE curve over shares is flat
-#: within a few 1e-4, so a dense grid mostly adds time and chances to pick on noise; three shares
-#: run in two rounds of 2 parallel processes.
+#: LTS inlier shares (``-pi``, percent) of the affine candidates: a dense grid mostly adds time
+#: and chances to pick on noise (the SSC-MSE curve over shares is flat within a few 1e-4) ...
 DEFAULT_SHARES: tuple[float, ...] = (30, 50, 70)
+#: ... and for the rigid candidates, which vary less with it (2.79-3.02 mm TRE over 30/50/70 on
+#: 4 simulated dev cases, where the affine candidates spread up to 0.27 mm)
+RIGID_SHARES: tuple[float, ...] = (50,)
 
 #: Sanity limits for a candidate matrix.
-SCALE_RANGE = (0.8, 1.25)       # det and every singular value of the linear part
-MAX_TRANSLATION_MM = 40.0        # displacement of the field-of-view centroid
+#: The scale limits are wide on purpose: on simulated post-resection cases the 12-dof candidates
+#: that absorb the tissue collapse around the cavity (axis scales 1.03-1.27, det 1.27-1.67, TRE 1.1-1.8
+#: mm where rigid reached 1.3-3.4 mm) are the best ones; what the limits catch are degenerate runs.
+SCALE_RANGE = (0.67, 1.5)        # every singular value of the linear part
+DET_RANGE = (0.5, 2.0)           # its determinant (volume change)
+MAX_TRANSLATION_MM = 25.0        # displacement of the field-of-view centroid
+MAX_ROTATION_DEG = 20.0          # rotation of the linear part's polar factor (navigation errors: a few degrees;
+                                 # block matching on a small 2.25 mm test case returned 43-130 deg)
 MIN_OVERLAP_RATIO = 0.9          # FOV share inside the moving foreground, relative to the identity's
 
 
@@ -74,21 +104,6 @@ def official_rigid_baseline(fixed: Volume, moving: Volume, threads: int | None =
     """World matrix (fixed -> moving, RAS mm) of the official rigid baseline (``niftyreg-rigid``)."""
     opts = OFFICIAL_RIGID if threads is None else AladinOptions(**{**OFFICIAL_RIGID.__dict__, "threads": threads})
     return reg_aladin(fixed, moving, opts, fixed_mask=fixed.data > 0, moving_mask=moving.data > 0)
-
-
-@dataclass
-class AffineResult:
-    """Outcome of :func:`affine_stage`."""
-
-    matrix: np.ndarray        # 4x4 world, fixed -> moving, RAS mm (NiftyReg convention)
-    share: float | None       # chosen -pi in percent (None if the identity was kept)
-    curve: list[tuple[float, float]]   # (share, ssc_mse) of the coarse grid; nan = rejected candidate
-    ssc_identity: float       # SSC-MSE inside the fixed mask, identity matrix (coarse grid)
-    ssc_final: float          # same for the returned matrix
-    kept: str                 # 'affine' or 'identity'
-    seconds: float            # wall time of the whole stage
-    aladin_seconds: float     # wall time spent waiting for reg_aladin (grid + refinement)
-    notes: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,8 +162,9 @@ def coarse_factor_for(spacing: np.ndarray, level_mm: float = 1.0) -> int:
 
 
 def check_matrix(matrix: np.ndarray, centre_mm: np.ndarray) -> str | None:
-    """Reason to reject a world matrix (NaN, scaling outside ``SCALE_RANGE``, FOV-centre
-    displacement beyond ``MAX_TRANSLATION_MM``), or None when it is sane."""
+    """Reason to reject a world matrix (NaN, scaling outside ``SCALE_RANGE`` / ``DET_RANGE``, a
+    rotation beyond ``MAX_ROTATION_DEG``, FOV-centre displacement beyond ``MAX_TRANSLATION_MM``),
+    or None when it is sane."""
     m = np.asarray(matrix, dtype=np.float64)
     if m.shape != (4, 4) or not np.isfinite(m).all():
         return "not a finite 4x4 matrix"
@@ -157,11 +173,16 @@ def check_matrix(matrix: np.ndarray, centre_mm: np.ndarray) -> str | None:
     lin = m[:3, :3]
     det = float(np.linalg.det(lin))
     sv = np.linalg.svd(lin, compute_uv=False)
-    lo, hi = SCALE_RANGE
+    lo, hi = DET_RANGE
     if not lo <= det <= hi:
         return f"determinant {det:.3f} outside [{lo}, {hi}]"
+    lo, hi = SCALE_RANGE
     if sv.min() < lo or sv.max() > hi:
         return f"axis scale {sv.min():.3f}..{sv.max():.3f} outside [{lo}, {hi}]"
+    u, _, vt = np.linalg.svd(lin)
+    angle = float(np.degrees(np.arccos(np.clip((np.trace(u @ vt) - 1) / 2, -1.0, 1.0))))
+    if angle > MAX_ROTATION_DEG:
+        return f"rotates by {angle:.0f} deg (> {MAX_ROTATION_DEG:g} deg)"
     shift = float(np.linalg.norm(lin @ centre_mm + m[:3, 3] - centre_mm))
     if shift > MAX_TRANSLATION_MM:
         return f"moves the field-of-view centre by {shift:.1f} mm (> {MAX_TRANSLATION_MM:g} mm)"
@@ -169,26 +190,202 @@ def check_matrix(matrix: np.ndarray, centre_mm: np.ndarray) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# the stage
+# candidates and their scores
 # --------------------------------------------------------------------------------------------
-class _Scorer:
-    """SSC-MSE of candidate matrices on one (coarse) evaluation grid, fixed descriptor cached."""
+#: reg_aladin settings of the candidates' transform models (one level; ``-pi`` and threads per run).
+MODELS: dict[str, AladinOptions] = {
+    "rigid": AladinOptions(rigid_only=True, symmetric=False, header_init=True, levels=1, percent_blocks=25),
+    "affine": STAGE_OPTIONS,
+    "baseline": replace(OFFICIAL_RIGID, levels_to_perform=None),
+}
+DEFAULT_MODELS: tuple[str, ...] = ("rigid", "affine", "baseline")
+#: criterion name -> True when higher is better
+CRITERIA: dict[str, bool] = {"lc2": True, "ssc": False}
+DEFAULT_CRITERION = "ssc"
+#: Model selection: a candidate with more degrees of freedom (identity 0 < rigid and baseline 6 <
+#: affine 12) is kept over the best simpler one only if its criterion is better by
+#: ``MARGIN_REL`` x |the simpler one's score| + ``MARGIN_ABS[criterion]``. Without it LC2 picked a
+#: 12-dof result over a better rigid one on a purely rigid test case (0.492 vs 0.488).
+MARGIN_REL = 0.02
+MARGIN_ABS: dict[str, float] = {"lc2": 0.002, "ssc": 0.0005}
+#: translation search: half range and the step sizes of its coarse-to-fine passes (mm)
+SEARCH_RANGE_MM = 12.0
+SEARCH_STEPS_MM: tuple[float, ...] = (4.0, 2.0)   # block matching refines below 2 mm; a 1 mm pass cost ~13 s
 
-    def __init__(self, fixed: Volume, moving: Volume, mask: np.ndarray):
-        self.fixed, self.moving = fixed, moving
-        self.mask = torch.from_numpy(mask.astype(bool))
-        self.desc_fixed = ssc.ssc_descriptor(fixed.data)
+
+@dataclass
+class Candidate:
+    """One coarse-stage candidate: how it was made, its matrix and its scores against the raw iUS."""
+
+    name: str                 # e.g. 'ius/rigid/pi50/start'
+    fixed_image: str          # which fixed image reg_aladin saw ('ius', 'synthetic_t1')
+    model: str                # 'identity', 'rigid', 'affine', 'baseline'
+    share: float | None       # -pi (percent)
+    start: str                # 'identity' or 'search' (the global start)
+    matrix: np.ndarray        # 4x4 world, fixed -> moving, RAS mm
+    scores: dict[str, float] = field(default_factory=dict)   # criterion -> value (NaN if rejected)
+    rejected: str | None = None
+    seconds: float = 0.0      # reg_aladin wall time
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "fixed_image": self.fixed_image, "model": self.model, "share": self.share,
+                "start": self.start, "matrix": np.asarray(self.matrix).tolist(), "scores": dict(self.scores),
+                "rejected": self.rejected, "seconds": self.seconds}
+
+
+@dataclass
+class AffineResult:
+    """Outcome of :func:`affine_stage`."""
+
+    matrix: np.ndarray        # 4x4 world, fixed -> moving, RAS mm (NiftyReg convention)
+    kept: str                 # model of the chosen candidate: 'identity', 'rigid', 'affine' or 'baseline'
+    share: float | None       # its -pi (percent), None for the identity
+    fixed_image: str          # the fixed image its reg_aladin run saw
+    criterion: str            # the criterion that chose it
+    score_identity: float     # criterion value of the identity
+    score_final: float        # criterion value of the chosen matrix
+    candidates: list[Candidate]
+    start: np.ndarray         # the global start (a translation), fixed -> moving world
+    seconds: float            # wall time of the whole stage
+    aladin_seconds: float     # wall time spent waiting for reg_aladin
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def curve(self) -> list[tuple[float, float]]:
+        """(share, criterion) of the chosen model, fixed image and start (the paper's Fig. 3)."""
+        best = next((c for c in self.candidates if c.matrix is self.matrix), None)
+        if best is None or best.share is None:
+            return []
+        return [(c.share, c.scores.get(self.criterion, float("nan"))) for c in self.candidates
+                if (c.model, c.fixed_image, c.start) == (best.model, best.fixed_image, best.start)]
+
+
+def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    idx = np.argwhere(mask)
+    lo, hi = idx.min(0) - margin, idx.max(0) + margin + 1
+    return tuple(slice(max(0, int(a)), min(n, int(b))) for a, b, n in zip(lo, hi, mask.shape))
+
+
+def crop(vol: Volume, box: tuple[slice, ...]) -> Volume:
+    """Sub-volume ``vol.data[box]``; the affine follows (same world coordinates)."""
+    shift = np.eye(4)
+    shift[:3, 3] = [s.start for s in box]
+    return Volume(np.ascontiguousarray(vol.data[box]), vol.affine @ shift)
+
+
+class _Scorer:
+    """Criteria of candidate matrices on one (coarse) grid cropped to the field of view's box.
+
+    The raw iUS is the reference for every criterion, whatever fixed image a candidate saw; its
+    SSC descriptor is computed once.
+    """
+
+    def __init__(self, ius: Volume, moving: Volume, mask: np.ndarray, patch: int = 7, erode: int | None = None):
+        box = _bbox(mask, margin=patch // 2 + 2)
+        self.fixed, self.moving, self.patch = crop(ius, box), moving, patch
+        self.mask_np = np.ascontiguousarray(mask[box])
+        # scored only where neither an LC2 patch nor the SSC descriptor (reach 3 voxels) sees past the
+        # field of view: at its border the iUS jumps to 0, and a moving image whose head outline is
+        # slid onto that border scored better than the identity on a pure-noise "iUS"
+        inner = ndimage.binary_erosion(self.mask_np, iterations=max(patch // 2, 3) if erode is None else erode)
+        self.mask = torch.from_numpy(inner if inner.any() else self.mask_np)
+        self.desc_fixed = ssc.ssc_descriptor(self.fixed.data)
         self.foreground = moving.like((moving.data > 0).astype(np.float32))
         self.identity_overlap = self.overlap(np.eye(4))
 
-    def overlap(self, matrix: np.ndarray) -> float:
-        """Share of the fixed mask that lands in the moving image's foreground (moving > 0)."""
-        fg = resample(self.foreground, matrix, self.fixed.affine, self.fixed.shape) > 0.5
-        return float(fg[self.mask.numpy()].mean())
+    def warped(self, matrix: np.ndarray, image: Volume | None = None) -> np.ndarray:
+        return resample(image or self.moving, matrix, self.fixed.affine, self.fixed.shape)
 
-    def score(self, matrix: np.ndarray) -> float:
-        warped = resample(self.moving, matrix, self.fixed.affine, self.fixed.shape)
-        return ssc.descriptor_mse(self.desc_fixed, ssc.ssc_descriptor(warped), self.mask)
+    def overlap(self, matrix: np.ndarray) -> float:
+        """Share of the field of view that lands in the moving image's foreground (moving > 0)."""
+        return float((self.warped(matrix, self.foreground) > 0.5)[self.mask_np].mean())
+
+    def score(self, matrix: np.ndarray, criterion: str) -> float:
+        w = self.warped(matrix)
+        if criterion == "lc2":
+            return lc2(self.fixed.data, w, self.mask, patch=self.patch, factor=1)
+        if criterion == "ssc":
+            return ssc.descriptor_mse(self.desc_fixed, ssc.ssc_descriptor(w), self.mask)
+        raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+
+    def lc2_many(self, matrices: list[np.ndarray], chunk: int = 32) -> np.ndarray:
+        """LC2 of many matrices at once (batched: far fewer tensor operations than one by one)."""
+        out = []
+        for i in range(0, len(matrices), chunk):
+            warped = torch.from_numpy(np.stack([self.warped(m) for m in matrices[i:i + chunk]]))
+            out.append(lc2_batch(self.fixed.data, warped, self.mask, patch=self.patch).numpy())
+        return np.concatenate(out).astype(np.float64)
+
+    def scores(self, matrix: np.ndarray, criteria=tuple(CRITERIA)) -> dict[str, float]:
+        return {c: self.score(matrix, c) for c in criteria}
+
+
+def _better(criterion: str, a: float, b: float) -> bool:
+    """True when score ``a`` is strictly better than ``b`` (NaN is never better)."""
+    if not np.isfinite(a):
+        return False
+    if not np.isfinite(b):
+        return True
+    return a > b if CRITERIA[criterion] else a < b
+
+
+def _clearly_better(criterion: str, a: float, b: float) -> bool:
+    """``a`` beats ``b`` by the model-selection margin (:data:`MARGIN_REL`, :data:`MARGIN_ABS`)."""
+    if not np.isfinite(b):
+        return np.isfinite(a)
+    need = MARGIN_REL * abs(b) + MARGIN_ABS[criterion]
+    return _better(criterion, a - need if CRITERIA[criterion] else a + need, b)
+
+
+#: degrees of freedom of each model, for :func:`select`
+DOF = {"identity": 0, "rigid": 6, "baseline": 6, "affine": 12}
+
+
+def select(candidates: list[Candidate], criterion: str) -> Candidate:
+    """The kept candidate: best by ``criterion`` within each number of degrees of freedom, and a
+    richer model only where it beats the simpler choice clearly (:func:`_clearly_better`).
+
+    ``candidates`` must contain the identity (first); rejected ones (``rejected`` set) never win.
+    """
+    chosen = candidates[0]
+    for dof in sorted({DOF[c.model] for c in candidates} - {0}):
+        pool = [c for c in candidates if DOF[c.model] == dof and c.rejected is None
+                and np.isfinite(c.scores.get(criterion, np.nan))]
+        if not pool:
+            continue
+        key = (lambda c: -c.scores[criterion]) if CRITERIA[criterion] else (lambda c: c.scores[criterion])
+        best = min(pool, key=key)
+        if _clearly_better(criterion, best.scores[criterion], chosen.scores[criterion]):
+            chosen = best
+    return chosen
+
+
+def _translation(t_mm: np.ndarray) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, 3] = t_mm
+    return m
+
+
+def translation_search(scorers: list[_Scorer], range_mm: float = SEARCH_RANGE_MM,
+                       steps_mm: tuple[float, ...] = SEARCH_STEPS_MM) -> tuple[np.ndarray, float]:
+    """Best pure translation (world mm, fixed -> moving) by LC2, coarse to fine.
+
+    Pass 1 tries every translation on a ``steps_mm[0]`` grid within +-``range_mm`` per axis; each
+    later pass tries the 27 translations at its step around the best so far. Pass ``n`` scores on
+    ``scorers[min(n, len(scorers) - 1)]`` (coarser grids first: 4 and 2 mm grids for the 4 and 2 mm
+    steps), all translations of a pass in one batch. Returns the matrix and its LC2 on the
+    last pass's grid. (LC2 whatever the stage's criterion: it is the only one batched.)
+    """
+    best_t, best = np.zeros(3), float("nan")
+    for n, step in enumerate(steps_mm):
+        scorer = scorers[min(n, len(scorers) - 1)]
+        k = int(round(range_mm / step)) if n == 0 else 1
+        offsets = np.arange(-k, k + 1) * step
+        ts = [best_t + np.array(d) for d in itertools.product(offsets, repeat=3)]
+        values = scorer.lc2_many([_translation(t) for t in ts])
+        i = int(np.nanargmax(values))
+        best_t, best = ts[i], float(values[i])
+    return _translation(best_t), best
 
 
 class _Aladin:
@@ -216,26 +413,36 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+# --------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------
 def affine_stage(fixed: Volume, moving: Volume, fixed_mask: np.ndarray | None = None, *,
-                 shares: tuple[float, ...] | list[float] = DEFAULT_SHARES, threads: int | None = None,
-                 options: AladinOptions = STAGE_OPTIONS, coarse_factor: int | None = None,
-                 refine: bool = False) -> AffineResult:
-    """Paper's affine stage with a per-case LTS inlier share, guarded against degenerate results.
+                 extra_fixed: dict[str, Volume] | None = None, shares: tuple[float, ...] | list[float] = DEFAULT_SHARES,
+                 rigid_shares: tuple[float, ...] | list[float] = RIGID_SHARES,
+                 models: tuple[str, ...] = DEFAULT_MODELS, criterion: str = DEFAULT_CRITERION,
+                 search: bool = True, all_criteria: bool = False, threads: int | None = None,
+                 coarse_factor: int | None = None) -> AffineResult:
+    """Choose a global transform per case among identity, rigid and affine candidates.
 
-    ``fixed``: the image on the iUS grid (iUS or its synthetic T1); ``moving``: the MR.
-    ``fixed_mask``: the iUS field of view on the fixed grid (default ``fixed.data > 0``).
-    ``shares``: ``-pi`` values (percent) of the grid. ``threads``: CPU cores to use (default: all
-    available); the grid runs ``threads`` reg_aladin processes at a time, one thread each.
-    ``options``: reg_aladin settings of one level (``levels`` is overridden).
-    ``coarse_factor``: pooling of the grid level (default :func:`coarse_factor_for`: the grid runs at
-    about 1 mm, i.e. 2 for 0.5 mm data, 1 for data at 1 mm or coarser); when it is above 1 and
-    ``refine`` is set, the best share is re-run at full resolution (0.5 mm) from the coarse matrix
-    and kept if its SSC-MSE is lower. Off by default: on simulated 256^3 cases that 0.5 mm level
-    cost 35-230 s on 2 cores and did not lower TRE (e.g. 2.66 -> 2.81 mm with 12 dof, non-symmetric).
+    ``fixed``: the raw iUS (the reference every candidate is scored against); ``extra_fixed``: other
+    fixed images on the same grid that reg_aladin may register to (name -> volume, e.g. the
+    synthetic T1); ``moving``: the MR. ``fixed_mask``: the iUS field of view on the fixed grid
+    (default ``fixed.data > 0``). ``shares``: LTS ``-pi`` values (percent) of the ``affine`` runs on
+    the iUS (extra fixed images: the middle one); ``rigid_shares``: those of the ``rigid`` runs; ``models``: which of :data:`MODELS` to run; ``criterion``: one of
+    :data:`CRITERIA`; ``search``: run the global translation search (else start from the identity
+    only); ``all_criteria``: score every candidate under every criterion (for ``bench-coarse``'s
+    regret table; else only under ``criterion``). ``threads``: CPU cores (default all): that many reg_aladin processes at a time.
+    ``coarse_factor``: pooling (default: to about 1 mm, see :func:`coarse_factor_for`).
 
-    Returns an :class:`AffineResult` whose ``matrix`` (fixed world -> moving world, RAS mm) has an
-    SSC-MSE no worse than the identity's; rejected candidates and the reasons are in ``notes``.
+    Returns an :class:`AffineResult` whose ``matrix`` (fixed world -> moving world, RAS mm) scores at
+    least as well as the identity by ``criterion``; every candidate, its scores under every
+    criterion and why any was rejected are in ``candidates`` and ``notes``.
     """
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        raise ValueError(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
     t_start = time.perf_counter()
     if coarse_factor is None:
         coarse_factor = coarse_factor_for(fixed.spacing)
@@ -244,124 +451,156 @@ def affine_stage(fixed: Volume, moving: Volume, fixed_mask: np.ndarray | None = 
     mask = (fixed.data > 0) if fixed_mask is None else np.asarray(fixed_mask, dtype=bool)
     if mask.shape != fixed.shape:
         raise ValueError(f"fixed_mask {mask.shape} is not on the fixed grid {fixed.shape}")
-    if fixed.shape != moving.shape and coarse_factor > 1:
-        notes.append("fixed and moving grids differ; each is pooled on its own grid")
+    fixed_images = {"ius": fixed, **(extra_fixed or {})}
+    for name, img in fixed_images.items():
+        if img.shape != fixed.shape:
+            raise ValueError(f"fixed image {name!r} {img.shape} is not on the iUS grid {fixed.shape}")
 
-    fixed_c, moving_c = pooled(fixed, coarse_factor), pooled(moving, coarse_factor)
+    identity = Candidate("identity", "ius", "identity", None, "identity", np.eye(4))
     mask_c = ssc.downsample_mask(mask, coarse_factor).numpy()
     if not mask_c.any():
-        return AffineResult(np.eye(4), None, [], float("nan"), float("nan"), "identity",
-                            time.perf_counter() - t_start, 0.0, ["empty fixed mask: identity kept"])
+        identity.scores = {c: float("nan") for c in CRITERIA}
+        return AffineResult(np.eye(4), "identity", None, "ius", criterion, float("nan"), float("nan"), [identity],
+                            np.eye(4), time.perf_counter() - t_start, 0.0, ["empty fixed mask: identity kept"])
+    moving_c = pooled(moving, coarse_factor)
+    pooled_fixed = {name: pooled(img, coarse_factor) for name, img in fixed_images.items()}
+    scorer = _Scorer(pooled_fixed["ius"], moving_c, mask_c)
+    wanted = tuple(CRITERIA) if all_criteria else (criterion,)
+    identity.scores = scorer.scores(np.eye(4), wanted)
     centre = (fixed.affine @ np.append(np.argwhere(mask).mean(axis=0), 1.0))[:3]
-    scorer = _Scorer(fixed_c, moving_c, mask_c)
-    ssc_identity = scorer.score(np.eye(4))
+    start = np.eye(4)
+    if search:
+        # LC2 only on these (patch // 2 erosion); grids of about 4 and 2 mm, as far as they are coarser
+        factors = sorted({coarse_factor_for(scorer.fixed.spacing, mm) for mm in (4.0, 2.0)} - {1}, reverse=True)
+        pyramid = [_Scorer(pooled(pooled_fixed["ius"], f), pooled(moving_c, f), ssc.downsample_mask(mask_c, f).numpy(),
+                           patch=p, erode=p // 2) for f, p in zip(factors, (3, 5)) if ssc.downsample_mask(mask_c, f).any()]
+        start, value = translation_search(pyramid + [scorer])
+        notes.append(f"global start: translation {np.round(start[:3, 3], 1).tolist()} mm (LC2 {value:.4f} on "
+                     "the search grid)")
+    starts = {"identity": np.eye(4)}
+    if not np.allclose(start, np.eye(4)):
+        starts["search"] = start
 
-    def judge(matrix: np.ndarray) -> tuple[str | None, float]:
-        reason = check_matrix(matrix, centre)
-        if reason is None:
-            ov = scorer.overlap(matrix)
-            if ov < MIN_OVERLAP_RATIO * scorer.identity_overlap:
-                reason = f"field of view lost: {ov:.0%} of it in the moving foreground (identity {scorer.identity_overlap:.0%})"
-        return reason, (scorer.score(matrix) if reason is None else float("nan"))
+    # the runs, cheap first: rigid and baseline before affine; affine from the better start only.
+    # Extra fixed images (the synthetic T1) get the middle share only: their runs cost as much as the
+    # iUS's and have not been picked more than occasionally (see the style issue).
+    better_start = "search" if "search" in starts else "identity"
+    jobs: list[tuple[str, str, float | None, str]] = []    # (fixed image, model, share, start)
+    for name in fixed_images:
+        own = tuple(shares) if name == "ius" else (float(sorted(shares)[len(shares) // 2]),)
+        if "rigid" in models:
+            jobs += [(name, "rigid", float(p), s) for s in starts for p in rigid_shares]
+        if "baseline" in models:
+            jobs.append((name, "baseline", None, "identity"))
+        if "affine" in models:
+            jobs += [(name, "affine", float(p), better_start) for p in own]
 
     aladin_seconds = 0.0
-    candidates: list[tuple[float, np.ndarray, float, str]] = []   # (ssc, matrix, share, level)
-    curve: list[tuple[float, float]] = []
+    candidates = [identity]
     with tempfile.TemporaryDirectory(prefix="brainshift_affine_") as tmp:
-        coarse = _Aladin(Path(tmp), fixed_c, moving_c, mask_c, "coarse")
-        jobs = max(1, min(threads, len(shares)))
-        per_job = max(1, threads // jobs)
-        opts = replace(options, levels=1, levels_to_perform=None, threads=per_job)
+        runners = {name: _Aladin(Path(tmp), img, moving_c, mask_c, name) for name, img in pooled_fixed.items()}
 
-        def one(share: float):
+        def one(job):
+            name, model, share, s = job
+            opts = replace(MODELS[model], threads=1)
+            if share is not None:
+                opts = replace(opts, percent_inliers=share)
+            tag = f"{name}/{model}" + (f"/pi{share:g}" if share is not None else "") + f"/{s}"
             try:
-                return coarse.run(replace(opts, percent_inliers=share), f"pi{share:g}")
+                matrix, sec = runners[name].run(opts, tag.replace("/", "_"), init=None if s == "identity" else starts[s])
+                return Candidate(tag, name, model, share, s, matrix, seconds=sec)
             except (NiftyRegError, OSError, ValueError) as exc:
-                return exc
+                return Candidate(tag, name, model, share, s, np.full((4, 4), np.nan), rejected=f"reg_aladin failed ({exc})")
 
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            outs = list(pool.map(one, shares))
-        aladin_seconds += time.perf_counter() - t0
-        for share, out in zip(shares, outs):
-            if isinstance(out, Exception):
-                notes.append(f"-pi {share:g}: reg_aladin failed ({out})")
-                curve.append((float(share), float("nan")))
-                continue
-            reason, value = judge(out[0])
-            if reason:
-                notes.append(f"-pi {share:g}: rejected, {reason}")
-            else:
-                candidates.append((value, out[0], float(share), "coarse"))
-            curve.append((float(share), value))
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(jobs)))) as pool:
+            runs = list(pool.map(one, jobs))
+        aladin_seconds = time.perf_counter() - t0
 
-        if candidates and refine and coarse_factor > 1:
-            best = min(candidates, key=lambda c: c[0])
-            full = _Aladin(Path(tmp), fixed, moving, mask, "full")
-            try:
-                matrix, sec = full.run(replace(opts, threads=threads, percent_inliers=best[2]), "refine", init=best[1])
-                aladin_seconds += sec
-                reason, value = judge(matrix)
-                if reason:
-                    notes.append(f"refinement at -pi {best[2]:g}: rejected, {reason}")
-                else:
-                    candidates.append((value, matrix, best[2], "refined"))
-            except (NiftyRegError, OSError, ValueError) as exc:
-                notes.append(f"refinement at -pi {best[2]:g}: reg_aladin failed ({exc})")
-
-    if not candidates:
-        notes.append("no valid candidate: identity kept")
-        return AffineResult(np.eye(4), None, curve, ssc_identity, ssc_identity, "identity",
-                            time.perf_counter() - t_start, aladin_seconds, notes)
-    value, matrix, share, level = min(candidates, key=lambda c: (c[0], c[3] != "refined"))
-    if not value < ssc_identity:
-        notes.append(f"best candidate (-pi {share:g}, {level}) SSC-MSE {value:.5f} is not below the "
-                     f"identity's {ssc_identity:.5f}: identity kept")
-        return AffineResult(np.eye(4), None, curve, ssc_identity, ssc_identity, "identity",
-                            time.perf_counter() - t_start, aladin_seconds, notes)
-    notes.append(f"kept -pi {share:g} ({level} level): SSC-MSE {ssc_identity:.5f} -> {value:.5f}")
-    return AffineResult(matrix, share, curve, ssc_identity, value, "affine",
+    for cand in runs:
+        if cand.rejected is None:
+            cand.rejected = check_matrix(cand.matrix, centre)
+        if cand.rejected is None:
+            ov = scorer.overlap(cand.matrix)
+            if ov < MIN_OVERLAP_RATIO * scorer.identity_overlap:
+                cand.rejected = (f"field of view lost: {ov:.0%} of it in the moving foreground "
+                                 f"(identity {scorer.identity_overlap:.0%})")
+        if cand.rejected:
+            cand.scores = {c: float("nan") for c in CRITERIA}
+            notes.append(f"{cand.name}: rejected, {cand.rejected}")
+        else:
+            cand.scores = scorer.scores(cand.matrix, wanted)
+        candidates.append(cand)
+    best = select(candidates, criterion)
+    if best is identity:
+        notes.append(f"no candidate beats the identity by {criterion}: identity kept")
+    else:
+        notes.append(f"kept {best.name}: {criterion} {identity.scores[criterion]:.4f} -> {best.scores[criterion]:.4f}")
+    return AffineResult(best.matrix, best.model, best.share, best.fixed_image, criterion,
+                        identity.scores[criterion], best.scores[criterion], candidates, start,
                         time.perf_counter() - t_start, aladin_seconds, notes)
 
 
+def _clean(x):
+    """JSON-safe: NaN/inf floats -> None, arrays -> lists, recursively."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _clean(x.tolist())
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else None
+    return x
+
+
+def result_dict(result: AffineResult) -> dict:
+    """Every field of an :class:`AffineResult`, JSON-ready (matrices as nested lists, NaN as null)."""
+    return _clean({
+        "matrix": result.matrix, "kept": result.kept, "share": result.share, "fixed_image": result.fixed_image,
+        "criterion": result.criterion, "score_identity": result.score_identity, "score_final": result.score_final,
+        "start": result.start, "candidates": [c.as_dict() for c in result.candidates], "curve": result.curve,
+        "seconds": result.seconds, "aladin_seconds": result.aladin_seconds, "notes": list(result.notes)})
+
+
 def save_curve(result: AffineResult, json_path: Path, png_path: Path) -> None:
-    """Write the SSC-MSE vs inlier-share curve as JSON and as a PNG plot (the paper's Fig. 3).
+    """Write the stage's candidates as JSON and their criterion vs LTS share as a PNG (cf. the paper's Fig. 3).
 
-    The JSON holds every field of the result (matrix as nested lists, NaN as null); the plot marks
-    the chosen share and the identity's SSC-MSE.
+    One line per (fixed image, model, start) group of candidates; the identity's score is a dashed
+    line, the kept candidate a star, rejected candidates grey crosses at the identity's level.
     """
-    def clean(x):
-        return None if isinstance(x, float) and not np.isfinite(x) else x
-
-    doc = {
-        "matrix": np.asarray(result.matrix).tolist(), "share": result.share,
-        "curve": [[s, clean(v)] for s, v in result.curve], "ssc_identity": clean(result.ssc_identity),
-        "ssc_final": clean(result.ssc_final), "kept": result.kept, "seconds": result.seconds,
-        "aladin_seconds": result.aladin_seconds, "notes": list(result.notes),
-    }
     json_path, png_path = Path(json_path), Path(png_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(doc, indent=2))
+    json_path.write_text(json.dumps(result_dict(result), indent=2))
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    pts = [(s, v) for s, v in result.curve if np.isfinite(v)]
-    if pts:
-        ax.plot(*zip(*pts), "o-", label="reg_aladin (coarse level)")
-    bad = [s for s, v in result.curve if not np.isfinite(v)]
-    if bad:
-        ax.plot(bad, [result.ssc_identity] * len(bad), "x", color="grey", label="rejected")
-    if np.isfinite(result.ssc_identity):
-        ax.axhline(result.ssc_identity, color="k", ls="--", lw=1, label="identity")
+    crit = result.criterion
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    groups: dict[tuple[str, str, str], list[Candidate]] = {}
+    for c in result.candidates:
+        if c.share is not None:
+            groups.setdefault((c.fixed_image, c.model, c.start), []).append(c)
+    for (fimg, model, start), cs in groups.items():
+        pts = sorted((c.share, c.scores.get(crit, np.nan)) for c in cs if np.isfinite(c.scores.get(crit, np.nan)))
+        if pts:
+            ax.plot(*zip(*pts), "o-", ms=4, label=f"{fimg} {model} from {start}")
+        bad = [c.share for c in cs if not np.isfinite(c.scores.get(crit, np.nan))]
+        if bad and np.isfinite(result.score_identity):
+            ax.plot(bad, [result.score_identity] * len(bad), "x", color="grey")
+    if np.isfinite(result.score_identity):
+        ax.axhline(result.score_identity, color="k", ls="--", lw=1, label="identity")
+    for c in result.candidates:
+        if c.model == "baseline" and np.isfinite(c.scores.get(crit, np.nan)):
+            ax.axhline(c.scores[crit], color="C7", ls=":", lw=1, label=f"{c.fixed_image} plain rigid baseline")
     if result.share is not None:
-        ax.plot([result.share], [result.ssc_final], "*", ms=14, color="C3", label=f"kept: -pi {result.share:g}")
+        ax.plot([result.share], [result.score_final], "*", ms=14, color="C3", label=f"kept: {result.kept}")
     ax.set_xlabel("LTS inlier share -pi (%)")
-    ax.set_ylabel("SSC-MSE in the iUS field of view")
-    ax.set_title(f"affine stage: {result.kept}")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(f"{crit} vs the raw iUS ({'higher' if CRITERIA[crit] else 'lower'} is better)")
+    ax.set_title(f"coarse stage: {result.kept} kept")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=100)

@@ -168,6 +168,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if payload["errors"] or payload["problems"] or (missing and args.methods) else 0
 
 
+def cmd_bench_coarse(args: argparse.Namespace) -> int:
+    from .bench_coarse import run_coarse_bench
+    from .io import InputError
+
+    try:
+        payload = run_coarse_bench(args.cases, args.out, modality=args.modality, threads=args.threads,
+                                   progress=not args.quiet)
+    except InputError as exc:
+        _err(str(exc))
+        return 1
+    print(Path(args.out, "coarse.md").read_text().split("\n## ")[0].strip())
+    return 0 if payload["rows"] else 1
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .synth import simulate_dataset
 
@@ -362,6 +376,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the runs an earlier (interrupted) bench saved in OUT/runs/ instead of running them again")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_bench)
+
+    bc = sub.add_parser("bench-coarse", help="the coarse stage's candidates on a folder of cases: TRE of each, "
+                        "what each criterion picks, its regret, vs niftyreg-rigid",
+                        description="Run the coarse stage (shipped settings, raw iUS) and the official rigid NiftyReg "
+                        "baseline on every case of CASES (they need landmarks); write OUT/coarse.md and "
+                        "OUT/coarse.json: TRE of every candidate, the pick and selection regret of each criterion "
+                        "(ssc, lc2), times.")
+    bc.add_argument("--cases", required=True, help="folder with the cases and their landmarks (any layout `run` reads)")
+    bc.add_argument("--out", required=True, help="output folder (created if needed)")
+    bc.add_argument("--modality", choices=("t1", "t2", "both"), default="t1", help="moving MR (default t1)")
+    bc.add_argument("--threads", type=int, default=None, help="CPU cores (default: all)")
+    bc.add_argument("--quiet", action="store_true", help="no progress bar")
+    bc.set_defaults(func=cmd_bench_coarse)
 
     d = sub.add_parser("demo", help="run every method on the embedded (simulated) demo case and print the TRE table",
                        description="Simulates one case (deterministic, from the MNI152 template shipped in nilearn), "

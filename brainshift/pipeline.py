@@ -41,9 +41,9 @@ def register(fixed: Volume, moving: Volume, method: str = "brainshift", stages: 
     * ``niftyreg-rigid``: the official ReMIND2Reg NiftyReg baseline, rigid (reg_aladin).
     * ``brainshift``: this project's stages, in order, each switchable through ``stages``:
       ``style`` (iUS -> synthetic T1; a T2 moving image is mapped to a T1-like contrast),
-      ``affine`` (block matching, LTS share chosen per case by SSC-MSE, guarded; with ``style`` it
-      runs on both the synthetic T1 and the raw iUS and keeps the result whose resampled MR has
-      the lower SSC-MSE against the raw iUS), ``deform`` (SynthMorph inside the iUS field of view,
+      ``affine`` (the coarse stage: identity, rigid and affine reg_aladin candidates, from the
+      identity and from a global translation search, on the raw iUS and, with ``style``, on the
+      synthetic T1; the candidate with the best LC2 against the raw iUS is kept), ``deform`` (SynthMorph inside the iUS field of view,
       then instance ``refine``ment on the pair (default on: it is where the deformable gain comes
       from while the shipped network is weak), kept only if the guard accepts it).
 
@@ -91,23 +91,14 @@ def _brainshift(fixed: Volume, moving: Volume, stages: tuple[str, ...], modality
     chosen = next(iter(candidates))
     matrix = np.eye(4)
     if "affine" in stages:
-        from .affine import affine_stage, resample
-        from .ssc import ssc_mse
+        from .affine import affine_stage, result_dict
 
         t = time.perf_counter()
-        results = {name: affine_stage(img, moving_reg, mask, threads=threads) for name, img in candidates.items()}
-        # SSC is modality independent: judge every candidate against the raw iUS
-        vs_ius = {name: ssc_mse(fixed.data, resample(moving_reg, r.matrix, fixed.affine, fixed.shape), mask)
-                  for name, r in results.items()} if len(results) > 1 else {}
-        chosen = min(vs_ius, key=vs_ius.get) if vs_ius else chosen
-        res = results[chosen]
-        matrix = res.matrix
+        res = affine_stage(fixed, moving_reg, mask, extra_fixed={k: v for k, v in candidates.items() if k != "ius"},
+                           threads=threads)
+        chosen, matrix = res.fixed_image, res.matrix
         outputs["affine"] = res
-        record["stages"]["affine"] = {
-            "fixed_image": chosen, "ssc_vs_ius": vs_ius, "matrix": matrix.tolist(), "share": res.share,
-            "candidate_matrices": {name: r.matrix.tolist() for name, r in results.items()},
-            "kept": res.kept, "ssc_identity": res.ssc_identity, "ssc_final": res.ssc_final, "curve": res.curve,
-            "aladin_seconds": res.aladin_seconds, "notes": res.notes, "seconds": time.perf_counter() - t}
+        record["stages"]["affine"] = {**result_dict(res), "seconds": time.perf_counter() - t}
     disp = fields.matrix_to_field(matrix, fixed.affine, moving.affine, fixed.shape)
     steps["affine"] = disp
     if "deform" in stages:
@@ -146,7 +137,7 @@ def run_case(case: Case, out_dir: str | os.PathLike, method: str = "brainshift",
              refine: bool = True, threads: int | None = None, qc: bool = False) -> dict:
     """Load one pair, register it, write ``out_dir/case.output_name`` atomically; return the record.
 
-    With ``qc``, per-stage diagnostics go to ``out_dir/qc/``: the SSC-MSE curve of the affine stage
+    With ``qc``, per-stage diagnostics go to ``out_dir/qc/``: the coarse stage's candidates and criterion curve
     (JSON + PNG), the case record (JSON), and :mod:`brainshift.report`'s per-stage figure
     (``<stem>_stages.png``) and numbers (``<stem>_report.json``).
     """

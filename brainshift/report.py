@@ -371,15 +371,21 @@ def _finite(x):
 
 
 def decisions(record: dict) -> dict[str, str]:
-    """One line per stage decision in a record: the affine kept/identity (+ LTS share, fixed image), the guard."""
+    """One line per stage decision in a record: the coarse model kept (+ LTS share, fixed image, criterion), the guard."""
     out = {}
     st = record.get("stages", {})
     if "affine" in st:
         a = st["affine"]
         text = f"{a.get('kept')} kept"
-        if a.get("kept") == "affine" and a.get("share") is not None:
-            text += f" (LTS share {a['share']:g} %"
-            text += f", fixed image {a['fixed_image']})" if a.get("fixed_image") else ")"
+        details = []
+        if a.get("share") is not None:
+            details.append(f"LTS share {a['share']:g} %")
+        if a.get("kept") not in (None, "identity") and a.get("fixed_image"):
+            details.append(f"fixed image {a['fixed_image']}")
+        if a.get("criterion"):
+            details.append(f"by {a['criterion']}")
+        if details:
+            text += f" ({', '.join(details)})"
         out["affine"] = text
     if "deform" in st:
         d = st["deform"]

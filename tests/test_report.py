@@ -61,8 +61,7 @@ def test_run_writes_stage_figure_and_report_by_default(runs):
     record = json.loads((qc / f"{STEM}_record.json").read_text())
     kept = record["stages"]["affine"]["kept"]
     assert doc["decisions"]["affine"].startswith(f"{kept} kept")
-    if kept == "affine":
-        assert doc["ssc_mse"]["affine"] < doc["ssc_mse"]["input"]
+    if kept != "identity":
         assert doc["final"]["max_disp_mm"] > 0
     assert (qc / f"{STEM}_affine_curve.png").is_file()
 
