@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from . import ssc
 from .lc2 import lc2, lc2_batch
 from .fields import voxel_matrix
-from .io import Volume, save_volume
+from .io import Volume, json_ready, save_volume
 from .niftyreg import AladinOptions, NiftyRegError, reg_aladin, run_aladin
 
 #: The ReMIND2Reg organisers' NiftyReg baseline, restricted to a rigid transform: masks from
@@ -172,14 +172,13 @@ def check_matrix(matrix: np.ndarray, centre_mm: np.ndarray) -> str | None:
         return "last row is not (0, 0, 0, 1)"
     lin = m[:3, :3]
     det = float(np.linalg.det(lin))
-    sv = np.linalg.svd(lin, compute_uv=False)
+    u, sv, vt = np.linalg.svd(lin)
     lo, hi = DET_RANGE
     if not lo <= det <= hi:
         return f"determinant {det:.3f} outside [{lo}, {hi}]"
     lo, hi = SCALE_RANGE
     if sv.min() < lo or sv.max() > hi:
         return f"axis scale {sv.min():.3f}..{sv.max():.3f} outside [{lo}, {hi}]"
-    u, _, vt = np.linalg.svd(lin)
     angle = float(np.degrees(np.arccos(np.clip((np.trace(u @ vt) - 1) / 2, -1.0, 1.0))))
     if angle > MAX_ROTATION_DEG:
         return f"rotates by {angle:.0f} deg (> {MAX_ROTATION_DEG:g} deg)"
@@ -389,14 +388,23 @@ def translation_search(scorers: list[_Scorer], range_mm: float = SEARCH_RANGE_MM
 
 
 class _Aladin:
-    """reg_aladin runs on volumes written once (uncompressed NIfTI) to a private folder."""
+    """reg_aladin runs on volumes written once (uncompressed NIfTI) to a private folder.
 
-    def __init__(self, folder: Path, fixed: Volume, moving: Volume, mask: np.ndarray, tag: str):
+    ``shared``: the reference mask, the moving image and its floating mask (the FOV carried to the
+    moving grid), written once by :meth:`write_shared` for the runners of every fixed image.
+    """
+
+    def __init__(self, folder: Path, fixed: Volume, tag: str, shared: tuple[Path, Path, Path]):
         self.folder, self.tag = folder, tag
         self.ref = save_volume(folder / f"ref_{tag}.nii", fixed)
-        self.flo = save_volume(folder / f"flo_{tag}.nii", moving)
-        self.rmask = save_volume(folder / f"rmask_{tag}.nii", fixed.like(mask.astype(np.float32)))
-        self.fmask = save_volume(folder / f"fmask_{tag}.nii", moving.like(fov_on_moving(fixed, mask, moving)))
+        self.rmask, self.flo, self.fmask = shared
+
+    @staticmethod
+    def write_shared(folder: Path, fixed: Volume, mask: np.ndarray, moving: Volume) -> tuple[Path, Path, Path]:
+        """Write the reference mask, the moving image and its floating mask; return their paths."""
+        return (save_volume(folder / "rmask.nii", fixed.like(mask.astype(np.float32))),
+                save_volume(folder / "flo.nii", moving),
+                save_volume(folder / "fmask.nii", moving.like(fov_on_moving(fixed, mask, moving))))
 
     def run(self, options: AladinOptions, name: str, init: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         """World matrix and seconds spent in reg_aladin; raises NiftyRegError on failure."""
@@ -472,8 +480,9 @@ def affine_stage(fixed: Volume, moving: Volume, fixed_mask: np.ndarray | None = 
     if search:
         # LC2 only on these (patch // 2 erosion); grids of about 4 and 2 mm, as far as they are coarser
         factors = sorted({coarse_factor_for(scorer.fixed.spacing, mm) for mm in (4.0, 2.0)} - {1}, reverse=True)
-        pyramid = [_Scorer(pooled(pooled_fixed["ius"], f), pooled(moving_c, f), ssc.downsample_mask(mask_c, f).numpy(),
-                           patch=p, erode=p // 2) for f, p in zip(factors, (3, 5)) if ssc.downsample_mask(mask_c, f).any()]
+        levels = [(f, p, ssc.downsample_mask(mask_c, f).numpy()) for f, p in zip(factors, (3, 5))]
+        pyramid = [_Scorer(pooled(pooled_fixed["ius"], f), pooled(moving_c, f), m, patch=p, erode=p // 2)
+                   for f, p, m in levels if m.any()]
         start, value = translation_search(pyramid + [scorer])
         notes.append(f"global start: translation {np.round(start[:3, 3], 1).tolist()} mm (LC2 {value:.4f} on "
                      "the search grid)")
@@ -495,10 +504,10 @@ def affine_stage(fixed: Volume, moving: Volume, fixed_mask: np.ndarray | None = 
         if "affine" in models:
             jobs += [(name, "affine", float(p), better_start) for p in own]
 
-    aladin_seconds = 0.0
     candidates = [identity]
     with tempfile.TemporaryDirectory(prefix="brainshift_affine_") as tmp:
-        runners = {name: _Aladin(Path(tmp), img, moving_c, mask_c, name) for name, img in pooled_fixed.items()}
+        shared = _Aladin.write_shared(Path(tmp), pooled_fixed["ius"], mask_c, moving_c)
+        runners = {name: _Aladin(Path(tmp), img, name, shared) for name, img in pooled_fixed.items()}
 
         def one(job):
             name, model, share, s = job
@@ -541,22 +550,9 @@ def affine_stage(fixed: Volume, moving: Volume, fixed_mask: np.ndarray | None = 
                         time.perf_counter() - t_start, aladin_seconds, notes)
 
 
-def _clean(x):
-    """JSON-safe: NaN/inf floats -> None, arrays -> lists, recursively."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _clean(x.tolist())
-    if isinstance(x, (float, np.floating)):
-        return float(x) if np.isfinite(x) else None
-    return x
-
-
 def result_dict(result: AffineResult) -> dict:
     """Every field of an :class:`AffineResult`, JSON-ready (matrices as nested lists, NaN as null)."""
-    return _clean({
+    return json_ready({
         "matrix": result.matrix, "kept": result.kept, "share": result.share, "fixed_image": result.fixed_image,
         "criterion": result.criterion, "score_identity": result.score_identity, "score_final": result.score_final,
         "start": result.start, "candidates": [c.as_dict() for c in result.candidates], "curve": result.curve,

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .affine import CRITERIA, DEFAULT_CRITERION, _clean, affine_stage, official_rigid_baseline, select
+from .affine import CRITERIA, DEFAULT_CRITERION, affine_stage, official_rigid_baseline, select
 from .fields import voxel_matrix
-from .io import InputError, _atomic_write, discover_cases, load_landmarks, load_volume, write_json
+from .io import InputError, _atomic_write, discover_cases, json_ready, load_landmarks, load_volume, write_json
 
 
 def matrix_tre(matrix: np.ndarray, fixed_affine: np.ndarray, moving_affine: np.ndarray, fixed_lms: np.ndarray,
@@ -62,13 +62,14 @@ def run_coarse_bench(cases_dir: str | os.PathLike, out_dir: str | os.PathLike, m
         picks = {}
         for crit in CRITERIA:
             chosen = select(res.candidates, crit)
-            picks[crit] = {"name": chosen.name, "tre": tre(chosen.matrix), "regret": tre(chosen.matrix) - best}
+            value = tre(chosen.matrix)
+            picks[crit] = {"name": chosen.name, "tre": value, "regret": value - best}
         rows.append({"case": case.pair_name, "tre_identity": tre(np.eye(4)), "tre_niftyreg_rigid": tre(rigid),
                      "tre_stage": tre(res.matrix), "kept": res.kept, "kept_name": next(
                          c.name for c in res.candidates if c.matrix is res.matrix), "tre_best": best,
                      "picks": picks, "candidates": cands, "stage_seconds": stage_s, "rigid_seconds": rigid_s,
                      "notes": res.notes})
-    payload = _clean({"cases_dir": str(cases_dir), "criterion": DEFAULT_CRITERION, "threads": threads, "rows": rows,
+    payload = json_ready({"cases_dir": str(cases_dir), "criterion": DEFAULT_CRITERION, "threads": threads, "rows": rows,
                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

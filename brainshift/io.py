@@ -234,6 +234,23 @@ def _atomic_write(path: Path, writer) -> Path:
     return path
 
 
+def json_ready(x):
+    """Nested JSON-ready copy: numpy -> Python, NaN / inf -> None, dict keys -> str."""
+    if isinstance(x, dict):
+        return {str(k): json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_ready(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return json_ready(x.tolist())
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else None
+    return x
+
+
 def write_json(path: str | os.PathLike, payload, indent: int | None = None) -> Path:
     """Write ``payload`` as JSON atomically; numpy arrays and scalars become lists and numbers, other
     unknown objects their ``str``."""

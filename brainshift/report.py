@@ -22,12 +22,13 @@ import base64
 import html
 import io as _io
 import json
-import math
 import os
 from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import gaussian_filter, map_coordinates
+
+from .io import json_ready
 
 #: Views of :func:`case_figure`: world axis (RAS index) of the slice normal, the horizontal and the vertical.
 VIEWS = {"axial": (2, 0, 1), "coronal": (1, 0, 2), "sagittal": (0, 1, 2)}
@@ -361,15 +362,6 @@ def max_displacement_mm(disp: np.ndarray, spacing) -> float:
     return best
 
 
-def _finite(x):
-    """JSON-safe number: NaN / inf -> None."""
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 def decisions(record: dict) -> dict[str, str]:
     """One line per stage decision in a record: the coarse model kept (+ LTS share, fixed image, criterion), the guard."""
     out = {}
@@ -444,27 +436,14 @@ def case_report_json(record: dict, fixed: np.ndarray, moving: np.ndarray, steps:
         "guard": {k: v for k, v in st.get("deform", {}).items()
                   if k in ("kept", "reason", "ssc_before", "ssc_after", "sdlogj", "folds", "max_disp_mm")},
     }
-    return _clean(out)
-
-
-def _clean(x):
-    """Nested JSON-ready copy: numpy -> Python, NaN / inf -> None."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _clean(x.tolist())
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    return _finite(x)
+    return json_ready(out)
 
 
 def write_case_report(path: str | os.PathLike, report: dict) -> Path:
     """Write a :func:`case_report_json` dict as JSON, atomically."""
     from .io import _atomic_write
 
-    text = json.dumps(_clean(report), indent=2)
+    text = json.dumps(json_ready(report), indent=2)
     return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
