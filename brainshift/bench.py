@@ -143,13 +143,23 @@ def _preload(name: str) -> None:
 
 
 def register_method(name: str, fixed, moving, modality: str = "t1", threads: int | None = None,
-                    fixed_mask: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-    """Run one benchmark method on a pair; return (voxel pull field on the fixed grid, record)."""
+                    fixed_mask: np.ndarray | None = None, tre=None) -> tuple[np.ndarray, dict]:
+    """Run one benchmark method on a pair; return (voxel pull field on the fixed grid, record).
+
+    ``tre``: optional function field -> mean TRE (mm) of the case's landmarks. With it, a pipeline
+    method's deformable stage also records the TRE of its field *before* the stage and of the
+    candidate it produced, kept or not (``tre_before``, ``tre_candidate``: the guard's confusion table).
+    The method itself never sees the landmarks.
+    """
     if name in PIPELINE_METHODS:
         from .pipeline import register
 
         result = register(fixed, moving, modality=modality, threads=threads, fixed_mask=fixed_mask,
                           **PIPELINE_METHODS[name])
+        candidate = result.stage_outputs.get("deform_candidate")
+        if tre is not None and candidate is not None:
+            result.record["stages"]["deform"].update(tre_before=tre(result.stage_outputs["fields"]["affine"]),
+                                                     tre_candidate=tre(candidate))
         return result.disp, result.record
     from . import peers
 
@@ -186,8 +196,15 @@ def _child(spec_path: str) -> int:
         mask = load_volume(spec["fixed_mask"]).data > 0 if spec.get("fixed_mask") else None
         cpu0 = _cpu_seconds()
         t0 = time.perf_counter()
+        tre = None
+        if spec.get("landmarks"):
+            from .io import load_landmarks
+            from .metrics import tre as tre_mm
+
+            lm_f, lm_m = (load_landmarks(p) for p in spec["landmarks"])
+            tre = lambda d: float(tre_mm(d, lm_f, lm_m, moving.spacing).mean())  # noqa: E731
         disp, record = register_method(spec["method"], fixed, moving, modality=spec["modality"],
-                                       threads=spec.get("threads"), fixed_mask=mask)
+                                       threads=spec.get("threads"), fixed_mask=mask, tre=tre)
         result["seconds"] = time.perf_counter() - t0
         result["cpu_seconds"] = _cpu_seconds() - cpu0
         fields.write_field(spec["field"], disp, moving.affine)
@@ -406,7 +423,9 @@ def run_bench(cases_dir: str | os.PathLike, methods: list[str] | None, out_dir: 
                         continue
                 spec = {"method": name, "fixed": str(case.fixed), "moving": str(case.moving),
                         "fixed_mask": str(case.fixed_mask) if case.fixed_mask else None,
-                        "modality": case.modality, "field": str(field), "threads": threads}
+                        "modality": case.modality, "field": str(field), "threads": threads,
+                        "landmarks": ([str(case.fixed_landmarks), str(case.moving_landmarks)]
+                                      if case.fixed_landmarks and case.moving_landmarks else None)}
                 log = out / "logs" / name / f"{case.case_id}_{case.moving_tag}.log"
                 row = {"method": name, "case": case.pair_name, "field": str(field), "log": str(log),
                        **run_isolated(spec, Path(tmp), log)}
@@ -469,6 +488,42 @@ SUMMARY_COLUMNS = [("method", "method", ""), ("ok", "pairs ok", "d"), ("tre_mean
                    ("peak_rss_gb", "peak mem GB", ".2f"), ("note", "note", "")]
 
 
+def guard_confusion(rows: list[dict]) -> dict[str, list[str]]:
+    """The deformable guard's decisions against the truth: pairs per outcome, from the TRE before the
+    stage and of its candidate field (recorded by :func:`register_method` when landmarks exist).
+    Keys: kept_better, kept_worse, rejected_better (would have helped), rejected_worse."""
+    out: dict[str, list[str]] = {k: [] for k in ("kept_better", "kept_worse", "rejected_better", "rejected_worse")}
+    for r in rows:
+        d = ((r.get("record") or {}).get("stages") or {}).get("deform") or {}
+        if "tre_candidate" not in d or "error" in r:
+            continue
+        better = d["tre_candidate"] < d["tre_before"]
+        out[("kept_" if d["kept"] else "rejected_") + ("better" if better else "worse")].append(r["case"])
+    return out
+
+
+def guard_table(payload: dict) -> list[str]:
+    """bench.md section: per pipeline method with a deformable stage, the guard's confusion table and,
+    per pair, TRE before the stage, of the candidate, and the decision."""
+    lines: list[str] = []
+    for name in payload["methods"]:
+        rows = [r for r in payload["results"] if r["method"] == name]
+        c = guard_confusion(rows)
+        if not any(c.values()):
+            continue
+        lines += ["", f"## Deformable guard of `{name}`: decisions against the truth", "",
+                  "| | candidate lowers TRE | candidate raises TRE |", "|---|---:|---:|",
+                  f"| kept | {len(c['kept_better'])} | {len(c['kept_worse'])} |",
+                  f"| rejected | {len(c['rejected_better'])} | {len(c['rejected_worse'])} |", "",
+                  "| pair | TRE before mm | candidate mm | kept | guard |", "|---|---:|---:|---|---|"]
+        for r in rows:
+            d = ((r.get("record") or {}).get("stages") or {}).get("deform") or {}
+            if "tre_candidate" in d:
+                lines.append(f"| {r['case']} | {d['tre_before']:.2f} | {d['tre_candidate']:.2f} | "
+                             f"{'yes' if d['kept'] else 'no'} | {d['reason']} |")
+    return lines
+
+
 def markdown(payload: dict) -> str:
     """bench.md: summary table, per-pair TRE table, failures, settings."""
     machine = payload["machine"]
@@ -501,6 +556,7 @@ def markdown(payload: dict) -> str:
             r = by.get((m, case), {})
             cells.append("failed" if "error" in r else _f(r.get("tre_mean"), ".2f"))
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    lines += guard_table(payload)
     if payload["errors"] or payload["problems"]:
         lines += ["", "## Failures and skipped files", ""] + [f"- {e}" for e in payload["errors"] + payload["problems"]]
     lines += ["", "## Settings", "",

@@ -54,7 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     try:
         records, errors = run_cases(found.cases, args.output, method=args.method, stages=args.stages,
-                                    refine=args.refine, threads=args.threads, qc=args.qc, progress=not args.quiet)
+                                    refine=args.refine, large_shift=args.large_shift, threads=args.threads, qc=args.qc,
+                                    progress=not args.quiet)
     except InputError as exc:
         _err(str(exc))
         return 1
@@ -282,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
                    help="after SynthMorph, optimise the field on the pair itself (SSC + diffusion, Adam); "
                    "on by default, --no-refine to skip")
+    r.add_argument("--large-shift", action=argparse.BooleanOptionalAction, default=True,
+                   help="before the refinement, a discrete search over displacements up to 12 mm inside the iUS "
+                   "field of view (SSC cost volume, coupled convex optimisation) for the local collapse after "
+                   "resection; on by default, --no-large-shift to skip")
     r.add_argument("--qc", action=argparse.BooleanOptionalAction, default=True,
                    help="write per-case QC to OUTPUT/qc/ (per-stage figure, report JSON, affine curve, record; "
                    "`brainshift report OUTPUT` gathers them into one HTML page); on by default, --no-qc to skip")

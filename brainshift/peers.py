@@ -13,7 +13,8 @@ JSON-ready record of what was run.
   ``apply_convex`` warps with ``map_coordinates(moving, identity + disp)``.
 * **elastix** (Debian package ``elastix`` 5.0.1, called by subprocess): Mattes mutual information,
   rigid then B-spline (with a bending-energy penalty), multi-resolution, with the iUS field of view
-  as the fixed mask.
+  as the fixed mask, eroded at each level and sampled by its voxels (the manual's set-up for an
+  ultrasound fan), rigid over three resolutions (see the comments at the parameter maps).
   ``transformix -def all`` writes, for each fixed voxel, a displacement ``d`` in physical mm in
   ITK's LPS world such that the moving point is ``x_fixed + d`` (pull); it is converted here to a
   voxel pull field (fixed voxel -> RAS -> LPS, add ``d``, back to RAS -> moving voxel).
@@ -132,8 +133,15 @@ _ELASTIX_COMMON: dict = {
     "Resampler": "DefaultResampler",
     "Metric": "AdvancedMattesMutualInformation", "NumberOfHistogramBins": 32,
     "Optimizer": "AdaptiveStochasticGradientDescent", "AutomaticParameterEstimation": "true",
-    "ImageSampler": "RandomCoordinate", "NumberOfSpatialSamples": 4096, "NewSamplesEveryIteration": "true",
-    "CheckNumberOfSamples": "true", "ErodeMask": "false",  # the fan mask is used as is at every level
+    # RandomSparseMask draws samples from the mask's voxels: RandomCoordinate draws from the whole grid and
+    # gives up ("Could not find enough image samples ... the mask is too small") when the iUS field of
+    # view fills under ~10 % of it, as it did on all three simulated pre-resection 256^3 cases (5-6 %).
+    "ImageSampler": "RandomSparseMask", "NumberOfSpatialSamples": 4096, "NewSamplesEveryIteration": "true",
+    "CheckNumberOfSamples": "true",
+    # The iUS mask marks where there is image data, not a region of interest: elastix's manual asks for
+    # ErodeMask "true" then ("the conic beam edge in ultrasound images is an example of such an artificial
+    # edge"), so that the smoothing pyramid does not carry the fan's edge into the registration.
+    "ErodeMask": "true",
     "HowToCombineTransforms": "Compose", "DefaultPixelValue": 0,
     "WriteResultImage": "false", "ResultImageFormat": "mhd", "ResultImagePixelType": "float",
 }
@@ -141,10 +149,14 @@ _ELASTIX_COMMON: dict = {
 # roughly aligned by the navigation system, so no centre-of-mass initialisation); rotation about
 # the fixed image centre (elastix default). A 12-parameter affine with MI sheared one of three
 # simulated pairs away (TRE 5.9 -> 11.0 mm), a rigid start did not (5.9 -> 3.0 mm).
+# Three resolutions, not four: the fourth (8x, 4 mm voxels at 0.5 mm) compares an iUS with almost nothing
+# left in it against the MR's skull and scalp, and MI led the rigid search into a wrong basin: rigid TRE
+# 15.5 mm from a 4.4 mm start on a simulated whole-head pre-resection case (7.1 from 7.0 on another),
+# 2.7 and 0.75 mm with three (measured with brainshift simulate --pre-resection, seed 1; docs/MEASUREMENTS.md).
 ELASTIX_RIGID: dict = {**_ELASTIX_COMMON,
                        "Transform": "EulerTransform", "AutomaticScalesEstimation": "true",
                        "AutomaticTransformInitialization": "false",
-                       "NumberOfResolutions": 4, "MaximumNumberOfIterations": 500}
+                       "NumberOfResolutions": 3, "MaximumNumberOfIterations": 500}
 # Stage 2: cubic B-spline, 15 mm final control-point spacing (30 then 15 mm), MI plus a bending
 # energy penalty (without it, MI B-spline folded and raised TRE on the simulated pairs).
 ELASTIX_BSPLINE: dict = {**_ELASTIX_COMMON,
@@ -219,7 +231,8 @@ def lps_displacement_to_voxel_field(d_lps: np.ndarray, fixed_affine: np.ndarray,
 
 def elastix_register(fixed: Volume, moving: Volume, fixed_mask: np.ndarray | None = None,
                      threads: int | None = None, overrides: dict | None = None,
-                     workdir: str | os.PathLike | None = None) -> tuple[np.ndarray, dict]:
+                     workdir: str | os.PathLike | None = None,
+                     moving_mask: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """elastix rigid + B-spline (Mattes MI) field: voxel pull field (X,Y,Z,3) on the fixed grid, and a record.
 
     ``fixed_mask`` (bool, fixed grid) defaults to ``fixed > 0`` (the iUS field of view) and is passed
@@ -244,6 +257,9 @@ def elastix_register(fixed: Volume, moving: Volume, fixed_mask: np.ndarray | Non
         save_volume(work / "fixed_mask.mha", Volume(mask.astype(np.uint8), fixed.affine))
         cmd = ["elastix", "-f", str(work / "fixed.mha"), "-m", str(work / "moving.mha"),
                "-fMask", str(work / "fixed_mask.mha"), "-out", str(work)]
+        if moving_mask is not None:
+            save_volume(work / "moving_mask.mha", Volume(np.asarray(moving_mask, np.uint8), moving.affine))
+            cmd += ["-mMask", str(work / "moving_mask.mha")]
         for n, params in enumerate(stages):
             (work / f"params_{n}.txt").write_text(elastix_parameter_text(params))
             cmd += ["-p", str(work / f"params_{n}.txt")]

@@ -34,7 +34,7 @@ class Result:
 
 def register(fixed: Volume, moving: Volume, method: str = "brainshift", stages: tuple[str, ...] = STAGES,
              modality: str = "t1", refine: bool = True, regularisation: float = 0.5,
-             threads: int | None = None, fixed_mask: np.ndarray | None = None) -> Result:
+             threads: int | None = None, fixed_mask: np.ndarray | None = None, large_shift: bool = True) -> Result:
     """Register the moving MR to the fixed iUS; return the pull field and a per-stage record.
 
     * ``identity``: the zero field (the images' own alignment).
@@ -43,9 +43,11 @@ def register(fixed: Volume, moving: Volume, method: str = "brainshift", stages: 
       ``style`` (iUS -> synthetic T1; a T2 moving image is mapped to a T1-like contrast),
       ``affine`` (the coarse stage: identity, rigid and affine reg_aladin candidates, from the
       identity and from a global translation search, on the raw iUS and, with ``style``, on the
-      synthetic T1; the candidate with the best LC2 against the raw iUS is kept), ``deform`` (SynthMorph inside the iUS field of view,
-      then instance ``refine``ment on the pair (default on: it is where the deformable gain comes
-      from while the shipped network is weak), kept only if the guard accepts it).
+      synthetic T1; kept by SSC-MSE against the raw iUS with a model-selection margin), ``deform``
+      (SynthMorph inside the iUS field of view; then, with ``large_shift``, a discrete search over
+      displacements up to 12 mm for what the network left; then instance ``refine``ment on the pair;
+      kept only if the guard accepts it: SSC-MSE and LC2 against the raw iUS must both improve and
+      the field must be plausible).
 
     ``modality``: 't1', 't2' or 'mr' (moving contrast). ``fixed_mask``: the iUS field of view on the
     fixed grid (default ``fixed > 0``). ``stage_outputs['fields']`` holds the field after each stage.
@@ -66,7 +68,8 @@ def register(fixed: Volume, moving: Volume, method: str = "brainshift", stages: 
         if unknown:
             raise ValueError(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
         disp = _brainshift(fixed, moving, stages, modality, refine, regularisation, threads,
-                           fixed.data > 0 if fixed_mask is None else fixed_mask.astype(bool), record, outputs)
+                           fixed.data > 0 if fixed_mask is None else fixed_mask.astype(bool), record, outputs,
+                           large_shift)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     record["seconds"] = time.perf_counter() - t0
@@ -75,7 +78,7 @@ def register(fixed: Volume, moving: Volume, method: str = "brainshift", stages: 
 
 def _brainshift(fixed: Volume, moving: Volume, stages: tuple[str, ...], modality: str, refine: bool,
                 regularisation: float, threads: int | None, mask: np.ndarray, record: dict,
-                outputs: dict) -> np.ndarray:
+                outputs: dict, large_shift: bool = True) -> np.ndarray:
     """The stages of the ``brainshift`` method; fills ``record['stages']`` and ``outputs``."""
     steps = outputs.setdefault("fields", {})
     candidates = {"ius": fixed}          # fixed images the registration may use
@@ -102,19 +105,29 @@ def _brainshift(fixed: Volume, moving: Volume, stages: tuple[str, ...], modality
     disp = fields.matrix_to_field(matrix, fixed.affine, moving.affine, fixed.shape)
     steps["affine"] = disp
     if "deform" in stages:
-        from .deform import guard, predict_field, refine_field
+        from .deform import discrete_field, guard, predict_field, refine_field
 
         t = time.perf_counter()
         fixed_reg = candidates[chosen].data
         aligned = fields.warp(moving_reg.data, disp)  # the MR after the affine stage, on the fixed grid
         local = predict_field(fixed_reg, aligned, mask, regularisation=regularisation)
+        times = {"network": time.perf_counter() - t}
+        if large_shift:  # discrete search for what the network left, composed after it
+            t1 = time.perf_counter()
+            residual = discrete_field(fixed_reg, fields.warp(aligned, local), mask, spacing_mm=float(np.mean(fixed.spacing)))
+            local = fields.compose(residual, local)
+            times["discrete"] = time.perf_counter() - t1
         if refine:
+            t1 = time.perf_counter()
             local = refine_field(fixed_reg, aligned, mask, init=local)
-        decision = guard(fixed_reg, aligned, mask, local, fixed.spacing)
+            times["refine"] = time.perf_counter() - t1
+        decision = guard(fixed_reg, aligned, mask, local, fixed.spacing, ius=fixed.data)
+        outputs["deform_candidate"] = fields.compose(local, disp)   # kept or not (the bench scores both)
         if decision.kept:
-            disp = fields.compose(local, disp)
+            disp = outputs["deform_candidate"]
         steps["deform"] = disp
-        record["stages"]["deform"] = {**decision.as_dict(), "refine": refine, "regularisation": regularisation,
+        record["stages"]["deform"] = {**decision.as_dict(), "refine": refine, "large_shift": large_shift,
+                                      "regularisation": regularisation, "step_seconds": times,
                                       "seconds": time.perf_counter() - t}
     return disp
 
@@ -134,7 +147,7 @@ def check_inputs(fixed: Volume, moving: Volume, case: Case, fixed_mask: Volume |
 
 
 def run_case(case: Case, out_dir: str | os.PathLike, method: str = "brainshift", stages: tuple[str, ...] = STAGES,
-             refine: bool = True, threads: int | None = None, qc: bool = False) -> dict:
+             refine: bool = True, threads: int | None = None, qc: bool = False, large_shift: bool = True) -> dict:
     """Load one pair, register it, write ``out_dir/case.output_name`` atomically; return the record.
 
     With ``qc``, per-stage diagnostics go to ``out_dir/qc/``: the coarse stage's candidates and criterion curve
@@ -147,6 +160,7 @@ def run_case(case: Case, out_dir: str | os.PathLike, method: str = "brainshift",
     check_inputs(fixed, moving, case, mask_vol)
     fixed_mask = mask_vol.data > 0 if mask_vol is not None else None
     result = register(fixed, moving, method=method, stages=stages, modality=case.modality, refine=refine,
+                      large_shift=large_shift,
                       threads=threads, fixed_mask=fixed_mask)
     path = fields.write_field(Path(out_dir) / case.output_name, result.disp, moving.affine)
     record = {**result.record, "case": case.pair_name, "field": str(path)}
@@ -182,7 +196,8 @@ def check_writable(out_dir: str | os.PathLike) -> None:
 
 
 def run_cases(cases: list[Case], out_dir: str | os.PathLike, method: str = "brainshift",
-              stages: tuple[str, ...] = STAGES, refine: bool = True, threads: int | None = None,
+              stages: tuple[str, ...] = STAGES, refine: bool = True, large_shift: bool = True,
+              threads: int | None = None,
               qc: bool = False, progress: bool = True) -> tuple[list[dict], list[str]]:
     """Run every case; one failing case never stops the others. Returns (records, error lines)."""
     from tqdm import tqdm
@@ -191,7 +206,8 @@ def run_cases(cases: list[Case], out_dir: str | os.PathLike, method: str = "brai
     records, errors = [], []
     for case in tqdm(cases, desc=method, unit="pair", disable=not progress):
         try:
-            records.append(run_case(case, out_dir, method=method, stages=stages, refine=refine, threads=threads, qc=qc))
+            records.append(run_case(case, out_dir, method=method, stages=stages, refine=refine, threads=threads, qc=qc,
+                                    large_shift=large_shift))
         except (InputError, NiftyRegError, ValueError) as exc:
             errors.append(one_line(f"{case.pair_name}: {exc}", limit=500))
         except Exception as exc:  # an unexpected failure in one case must not stop the others

@@ -24,12 +24,16 @@ Parameters drawn per case (``SimCase.params``), with ranges:
   the brain surface; radius 8-15 mm (x ``shape*spacing/128``, capped at 1), lobulated (+-10-25 %);
   T1: necrotic core 0.25-0.5 x WM, contrast-enhancing rim 2-4 mm thick at 1.3-1.8 x WM; T2: core
   0.6-0.9 x CSF, rim 0.4-0.6 x CSF; oedema (T1 -20 %, T2 up to 0.3 x CSF) decaying over 4-10 mm.
+* MR head: the whole head as in ReMIND (not skull-stripped): CSF/dura, skull (inner table, diploe, outer
+  table), muscle, fat and skin outside the brain, thicknesses and levels in ``HEAD_LAYERS`` (read off
+  the real ReMIND-022 ceT1/T2), drawn from their own generator ``default_rng([seed, 1])``.
 * MR intensities: T1 WM level 600-1000, gamma 0.8-1.25, T2 WM 150-300 with GM 1.3-1.7 x WM and
   CSF 3-4.5 x WM; separate multiplicative bias fields (RMS 5-15 %, wavelengths 80-200 mm); Rician
   noise 1-2 % of WM (magnitude of signal + Gaussian noise); rounded to integers (stored as float32).
 * shift, rigid: rotation 1-5 deg about a random axis through the tumour centre, translation 2-8 mm
   in a random direction. Local: cavity collapse ``A (x - c)/s exp(-|x - c|^2 / 2 s^2)`` with
-  peak 2-5 mm (at ``|x - c| = s``), ``s`` = 1.0-1.4 tumour radius; sinking 1-4 mm along a "down"
+  peak 5-10 mm (at ``|x - c| = s``; the large local shift after resection that ReMIND2Reg measures; it
+  stays invertible while the peak is under 2.2 s), ``s`` = 1.0-1.4 tumour radius; sinking 1-4 mm along a "down"
   direction within 30 deg of the probe axis, Gaussian around the craniotomy (sigma 25-45 mm);
   smooth wobble RMS 0.3-1 mm (wavelengths 40-100 mm). The tumour is fully resected: the cavity is
   where the pulled MR position lies inside the tumour.
@@ -85,12 +89,29 @@ class SimCase:
     params: dict
 
 
+#: Layers outside the brain in the simulated MR, from the brain surface outward: (name, thickness range mm,
+#: T1 level range, T2 level range; WM = 1). Read off lateral line profiles of the real ReMIND-022 ceT1 and
+#: T2 (../shared/data/real_mr, three axial levels): skin and fat 1.2-1.7 x WM in T1, muscle about 1.1,
+#: bone dark (0.05-0.15), skull 3-6 mm, skin to skull 9-11 mm; T2 fat 1.2-1.8 x WM, CSF bright.
+HEAD_LAYERS = (
+    ("csf", (1.0, 3.0), (0.2, 0.35), "csf"),
+    ("inner_table", (1.0, 2.0), (0.05, 0.15), (0.05, 0.15)),
+    ("diploe", (1.0, 4.0), (0.8, 1.5), (0.8, 1.5)),
+    ("outer_table", (1.0, 2.0), (0.05, 0.15), (0.05, 0.15)),
+    ("muscle", (2.0, 6.0), (0.9, 1.2), (0.6, 0.9)),
+    ("fat_skin", (3.0, 6.0), (1.2, 1.7), (1.2, 1.8)),
+)
+HEAD_REACH_MM = 30.0   # the layers end at most 23 mm out; closeness is stored over this range
+
 # --------------------------------------------------------------------------------------------
 # template and small helpers
 # --------------------------------------------------------------------------------------------
 @lru_cache(maxsize=1)
 def _template() -> dict:
-    """MNI152 2009a channels [T1, GM, WM, CSF] (1 mm, float32, channels-last torch) + a 2 mm brain mask."""
+    """MNI152 2009a channels [T1, GM, WM, CSF, closeness] (1 mm, float32, channels-last torch) + a 2 mm brain
+    mask. ``closeness`` = 1 - (distance outside the closed brain mask, mm) / HEAD_REACH_MM, clipped to
+    [0, 1]: 1 inside the brain, 0 in the air beyond the scalp (and outside the template grid, where
+    ``grid_sample`` pads with zeros)."""
     import nilearn
 
     folder = Path(nilearn.__file__).parent / "datasets" / "data"
@@ -103,7 +124,8 @@ def _template() -> dict:
     m1 = np.repeat(np.repeat(np.repeat(b2, 2, 0), 2, 1), 2, 2)[: t1.shape[0], : t1.shape[1], : t1.shape[2]]
     m1 = ndi.gaussian_filter(m1.astype(np.float32), 0.7)
     csf = np.clip(m1 - tissue, 0, 1)
-    chans = torch.from_numpy(np.ascontiguousarray(np.stack([t1, gm, wm, csf], -1)))
+    close = np.clip(1.0 - ndi.distance_transform_edt(m1 < 0.5) / HEAD_REACH_MM, 0, 1).astype(np.float32)
+    chans = torch.from_numpy(np.ascontiguousarray(np.stack([t1, gm, wm, csf, close], -1)))
     depth, nearest = ndi.distance_transform_edt(b2, return_indices=True)
     aff2 = aff @ np.diag([2.0, 2.0, 2.0, 1.0])
     world2 = _apply(aff2, np.moveaxis(np.indices(b2.shape), 0, -1).astype(float))
@@ -162,7 +184,7 @@ def _up(coarse: np.ndarray, size: int, last: bool = False) -> torch.Tensor:
 
 
 def _sample_template(tcoords: np.ndarray, size: int) -> np.ndarray:
-    """Template channels [T1, GM, WM, CSF] at template-voxel coords given on coarse nodes (3,n,n,n)."""
+    """Template channels [T1, GM, WM, CSF, closeness] at template-voxel coords given on coarse nodes (3,n,n,n)."""
     tm = _template()
     norm = 2.0 * tcoords / (tm["shape"][:, None, None, None] - 1.0) - 1.0
     grid = _up(norm[::-1], size, last=True)[None]                     # grid_sample wants (k, j, i)
@@ -203,7 +225,7 @@ def simulate_case(seed: int, shape: int = 96, spacing: float = 1.5, resected: bo
     # brain shift (pull, world mm)
     rig = _rotation(rng.normal(size=3), _draw(rng, 1, 5))
     trans = _unit(rng.normal(size=3)) * _draw(rng, 2, 8)
-    peak, sig_c = _draw(rng, 2, 5), _draw(rng, 1.0, 1.4) * radius
+    peak, sig_c = _draw(rng, 5, 10), _draw(rng, 1.0, 1.4) * radius
     peak *= float(resected)                              # no cavity collapse before resection
     down = _tilt(rng, axis, 30.0)
     sink, sig_g = _draw(rng, 1, 4), _draw(rng, 25, 45) * size
@@ -240,7 +262,7 @@ def simulate_case(seed: int, shape: int = 96, spacing: float = 1.5, resected: bo
     mr_aux = _up(np.stack([tumour_d(x_nodes)] + [np.exp(_eval_waves(b, x_nodes)[..., 0]) for b in bias]), S).numpy()
     mr_anat = _sample_template(np.moveaxis(tmpl_vox(x_nodes), -1, 0), S)
     us_d = _up(tumour_d(xm)[None], S)[0].numpy()
-    us_anat = _sample_template(np.moveaxis(tmpl_vox(xm), -1, 0), S)
+    us_anat = _sample_template(np.moveaxis(tmpl_vox(xm), -1, 0), S)[:4]   # no skull or scalp in the iUS
 
     t1, t2 = _mr_images(rng, mr_anat, mr_aux, radius, P)
     del mr_anat, mr_aux
@@ -254,8 +276,9 @@ def simulate_case(seed: int, shape: int = 96, spacing: float = 1.5, resected: bo
 
 
 def _mr_images(rng, anat: np.ndarray, aux: np.ndarray, radius: float, P: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Pre-op T1 (contrast-enhanced) and T2 from template channels and the tumour level ``d`` (mm)."""
-    T, G, W, C = anat
+    """Pre-op T1 (contrast-enhanced) and T2 from template channels and the tumour level ``d`` (mm): the
+    whole head, brain plus the layers of :func:`_head_layers` outside it (ReMIND's MR is not skull-stripped)."""
+    T, G, W, C, close = anat
     d, b1, b2 = aux
     rim_w, oed_w = _draw(rng, 2, 4), _draw(rng, 4, 10)
     w1, gam, core1, rim1 = _draw(rng, 600, 1000), _draw(rng, 0.8, 1.25), _draw(rng, 0.25, 0.5), _draw(rng, 1.3, 1.8)
@@ -271,6 +294,9 @@ def _mr_images(rng, anat: np.ndarray, aux: np.ndarray, radius: float, P: dict) -
     oedema = np.exp(-np.maximum(db, 0) / oed_w) * (1 - inside) * np.clip(G[box] + W[box], 0, 1)
     t1[box] = (1 - inside) * t1[box] * (1 - 0.2 * oedema) + core * core1 + rim * rim1
     t2[box] = (1 - inside) * (t2[box] + oedema * oed2 * c2) + (core * core2 + rim * rim2) * c2
+    head1, head2 = _head_layers(np.random.default_rng([P["seed"], 1]), (1 - close) * HEAD_REACH_MM, c2, P)
+    t1 += head1
+    t2 += head2
     t1 *= b1
     t2 *= b2
     noise = _draw(rng, 0.01, 0.02)
@@ -284,6 +310,31 @@ def _mr_images(rng, anat: np.ndarray, aux: np.ndarray, radius: float, P: dict) -
     P.update(t1_wm=w1, t1_gamma=gam, t1_core=core1, t1_rim=rim1, rim_mm=rim_w, oedema_mm=oed_w, t2_wm=w2,
              t2_gm=g2, t2_csf=c2, t2_core=core2, mr_noise=noise)
     return out[0], out[1]
+
+
+def _head_layers(rng: np.random.Generator, dist: np.ndarray, t2_csf: float, P: dict) -> tuple[np.ndarray, np.ndarray]:
+    """T1 and T2 levels (WM = 1) of the layers outside the brain, from the distance ``dist`` (mm) outside
+    the closed brain mask: CSF/dura, inner table, diploe, outer table, muscle/galea, fat and skin, then
+    air (0). Zero inside the brain. Thicknesses and levels are drawn from the ranges of HEAD_LAYERS. Drawn
+    from their own generator so that every other draw of a case is as before the head was added."""
+    edges, lv1, lv2 = [0.0], [], []
+    for name, (lo, hi), l1, l2 in HEAD_LAYERS:
+        edges.append(edges[-1] + _draw(rng, lo, hi))
+        lv1.append(_draw(rng, *l1))
+        lv2.append(t2_csf if l2 == "csf" else _draw(rng, *l2))
+        P[f"head_{name}_mm"] = edges[-1] - edges[-2]
+    # linear ramps of 0.5 mm between layers; 0 inside the brain and in the air
+    xs, y1, y2 = [0.0], [0.0], [0.0]
+    for a, b, v1, v2 in zip(edges[:-1], edges[1:], lv1, lv2):
+        xs += [a + 0.25, b - 0.25]
+        y1 += [v1, v1]
+        y2 += [v2, v2]
+    xs.append(edges[-1] + 0.25)
+    y1.append(0.0)
+    y2.append(0.0)
+    flat = dist.ravel()
+    return (np.interp(flat, xs, y1).astype(np.float32).reshape(dist.shape),
+            np.interp(flat, xs, y2).astype(np.float32).reshape(dist.shape))
 
 
 def _ultrasound(rng, anat: np.ndarray, d: np.ndarray, affine: np.ndarray, probe: np.ndarray, axis: np.ndarray,

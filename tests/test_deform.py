@@ -105,7 +105,7 @@ def test_taper_is_one_on_the_mask_box_and_zero_at_the_margin_faces():
     mask[10:18, 0:12, 12:20] = True
     crop = deform.mask_crop(mask, margin_vox=4)
     w = deform.taper(crop)
-    full = deform._insert(np.repeat(w[..., None], 3, -1), crop)[..., 0]
+    full = deform.insert(np.repeat(w[..., None], 3, -1), crop)[..., 0]
     assert np.allclose(full[10:18, 0:12, 12:20], 1.0)
     assert np.all(full[:6] == 0) and np.all(full[22:] == 0) and np.all(full[:, 16:] == 0)
     assert full[8, 5, 15] > 0 and full[8, 5, 15] < 1           # inside the margin: tapered
@@ -187,3 +187,26 @@ def test_guard_accepts_a_good_field_and_rejects_bad_ones():
 
     nothing = deform.guard(fixed, moving, mask, np.zeros_like(truth), spacing_mm=1.0)
     assert not nothing.kept and "does not improve" in nothing.reason
+
+
+def test_guard_rejects_a_field_that_fools_ssc_but_not_lc2():
+    """A misleading fixed image (a style output that hallucinated a shift) makes SSC-MSE reward a wrong
+    field; LC2 against the raw iUS, the second opinion, disagrees and the field is rejected."""
+    fixed, moving, mask, truth = smooth_pair()
+    ius = fixed                                  # the real iUS: the moving image warped by ``truth``
+    wrong = -truth                               # smooth, no folds, but the opposite of the truth
+    hallucinated = fields.warp(moving, wrong)    # a fixed image that shows the moving warped the wrong way
+    fooled = deform.guard(hallucinated, moving, mask, wrong, spacing_mm=1.0)
+    assert fooled.kept, fooled.reason            # SSC alone is fooled: this is the failure the check is for
+    assert epe(wrong, truth, mask) > epe(np.zeros_like(truth), truth, mask)   # landmarks move the wrong way
+    held = deform.guard(hallucinated, moving, mask, wrong, spacing_mm=1.0, ius=ius)
+    assert not held.kept and "LC2" in held.reason and held.lc2_after < held.lc2_before
+    right = deform.guard(fixed, moving, mask, truth, spacing_mm=1.0, ius=ius)
+    assert right.kept and right.lc2_after > right.lc2_before, right.reason
+
+
+def test_refinement_keeps_a_large_init():
+    """The regulariser acts on the correction only: refining from the true 8-voxel field keeps it."""
+    fixed, moving, mask, truth = smooth_pair(40, amp=8.0)
+    refined = deform.refine_field(fixed, moving, mask, truth, iterations=30, margin_vox=4)
+    assert epe(refined, truth, mask) < 0.15 * epe(np.zeros_like(truth), truth, mask)
