@@ -137,7 +137,6 @@ def discrete_field(fixed: np.ndarray, moving_aligned: np.ndarray, mask: np.ndarr
     weight = (count / cell ** 3 + 1e-3)[None, None]                      # (1, 1, w, w, w)
     norm = _smooth(weight, smooth_passes)
     box = (slice(None), slice(None)) + box
-
     empty = (count == 0)[None, None].expand(1, 3, *count.shape)
 
     def step(u_bar: torch.Tensor, theta: float) -> torch.Tensor:        # (1, 3, w, w, w) level voxels
@@ -155,7 +154,8 @@ def discrete_field(fixed: np.ndarray, moving_aligned: np.ndarray, mask: np.ndarr
     # where the collapse is steep and where the taper brings 10 mm to zero); cell k's centre is level
     # voxel k*cell + (cell-1)/2 and crop voxel k*s + (s-1)/2 (s = cell*f): align_corners=False's sampling
     n_lvl = crop.size // f
-    w_lvl = F.avg_pool3d(torch.from_numpy(taper(crop))[None, None], f) if f > 1 else torch.from_numpy(taper(crop))[None, None]
+    w = torch.from_numpy(taper(crop))[None, None]
+    w_lvl = F.avg_pool3d(w, f) if f > 1 else w
     v = F.interpolate(u, size=(n_lvl,) * 3, mode="trilinear", align_corners=False) * w_lvl
     disp = integrate_svf(v)
     disp = F.interpolate(disp, size=(crop.size,) * 3, mode="trilinear", align_corners=False) * f
