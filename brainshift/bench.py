@@ -488,13 +488,18 @@ SUMMARY_COLUMNS = [("method", "method", ""), ("ok", "pairs ok", "d"), ("tre_mean
                    ("peak_rss_gb", "peak mem GB", ".2f"), ("note", "note", "")]
 
 
+def _deform_record(row: dict) -> dict:
+    """The deformable stage's record of a bench row ({} if it has none)."""
+    return ((row.get("record") or {}).get("stages") or {}).get("deform") or {}
+
+
 def guard_confusion(rows: list[dict]) -> dict[str, list[str]]:
     """The deformable guard's decisions against the truth: pairs per outcome, from the TRE before the
     stage and of its candidate field (recorded by :func:`register_method` when landmarks exist).
     Keys: kept_better, kept_worse, rejected_better (would have helped), rejected_worse."""
     out: dict[str, list[str]] = {k: [] for k in ("kept_better", "kept_worse", "rejected_better", "rejected_worse")}
     for r in rows:
-        d = ((r.get("record") or {}).get("stages") or {}).get("deform") or {}
+        d = _deform_record(r)
         if "tre_candidate" not in d or "error" in r:
             continue
         better = d["tre_candidate"] < d["tre_before"]
@@ -517,7 +522,7 @@ def guard_table(payload: dict) -> list[str]:
                   f"| rejected | {len(c['rejected_better'])} | {len(c['rejected_worse'])} |", "",
                   "| pair | TRE before mm | candidate mm | kept | guard |", "|---|---:|---:|---|---|"]
         for r in rows:
-            d = ((r.get("record") or {}).get("stages") or {}).get("deform") or {}
+            d = _deform_record(r)
             if "tre_candidate" in d:
                 lines.append(f"| {r['case']} | {d['tre_before']:.2f} | {d['tre_candidate']:.2f} | "
                              f"{'yes' if d['kept'] else 'no'} | {d['reason']} |")

@@ -231,8 +231,7 @@ def lps_displacement_to_voxel_field(d_lps: np.ndarray, fixed_affine: np.ndarray,
 
 def elastix_register(fixed: Volume, moving: Volume, fixed_mask: np.ndarray | None = None,
                      threads: int | None = None, overrides: dict | None = None,
-                     workdir: str | os.PathLike | None = None,
-                     moving_mask: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+                     workdir: str | os.PathLike | None = None) -> tuple[np.ndarray, dict]:
     """elastix rigid + B-spline (Mattes MI) field: voxel pull field (X,Y,Z,3) on the fixed grid, and a record.
 
     ``fixed_mask`` (bool, fixed grid) defaults to ``fixed > 0`` (the iUS field of view) and is passed
@@ -257,9 +256,6 @@ def elastix_register(fixed: Volume, moving: Volume, fixed_mask: np.ndarray | Non
         save_volume(work / "fixed_mask.mha", Volume(mask.astype(np.uint8), fixed.affine))
         cmd = ["elastix", "-f", str(work / "fixed.mha"), "-m", str(work / "moving.mha"),
                "-fMask", str(work / "fixed_mask.mha"), "-out", str(work)]
-        if moving_mask is not None:
-            save_volume(work / "moving_mask.mha", Volume(np.asarray(moving_mask, np.uint8), moving.affine))
-            cmd += ["-mMask", str(work / "moving_mask.mha")]
         for n, params in enumerate(stages):
             (work / f"params_{n}.txt").write_text(elastix_parameter_text(params))
             cmd += ["-p", str(work / f"params_{n}.txt")]

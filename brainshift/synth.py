@@ -183,12 +183,13 @@ def _up(coarse: np.ndarray, size: int, last: bool = False) -> torch.Tensor:
     return F.interpolate(t, size=(size,) * 3, mode="trilinear", align_corners=True)[0]
 
 
-def _sample_template(tcoords: np.ndarray, size: int) -> np.ndarray:
-    """Template channels [T1, GM, WM, CSF, closeness] at template-voxel coords given on coarse nodes (3,n,n,n)."""
+def _sample_template(tcoords: np.ndarray, size: int, channels: int = 5) -> np.ndarray:
+    """The first ``channels`` template channels of [T1, GM, WM, CSF, closeness] at template-voxel coords
+    given on coarse nodes (3,n,n,n)."""
     tm = _template()
     norm = 2.0 * tcoords / (tm["shape"][:, None, None, None] - 1.0) - 1.0
     grid = _up(norm[::-1], size, last=True)[None]                     # grid_sample wants (k, j, i)
-    out = F.grid_sample(tm["chans"], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = F.grid_sample(tm["chans"][:, :channels], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out[0].contiguous().numpy()
 
 
@@ -262,7 +263,7 @@ def simulate_case(seed: int, shape: int = 96, spacing: float = 1.5, resected: bo
     mr_aux = _up(np.stack([tumour_d(x_nodes)] + [np.exp(_eval_waves(b, x_nodes)[..., 0]) for b in bias]), S).numpy()
     mr_anat = _sample_template(np.moveaxis(tmpl_vox(x_nodes), -1, 0), S)
     us_d = _up(tumour_d(xm)[None], S)[0].numpy()
-    us_anat = _sample_template(np.moveaxis(tmpl_vox(xm), -1, 0), S)[:4]   # no skull or scalp in the iUS
+    us_anat = _sample_template(np.moveaxis(tmpl_vox(xm), -1, 0), S, channels=4)   # no skull or scalp in the iUS
 
     t1, t2 = _mr_images(rng, mr_anat, mr_aux, radius, P)
     del mr_anat, mr_aux

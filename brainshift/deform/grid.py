@@ -45,21 +45,26 @@ def mask_crop(mask: np.ndarray, margin_vox: int = 8, multiple: int = 1) -> Crop:
     return Crop(lo=lo, size=size, inner_lo=inner_lo, inner_hi=inner_hi, box_lo=box_lo, box_hi=box_hi, grid=grid)
 
 
+def overlap(crop: Crop) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """(slices of the fixed grid, slices of the cube) of the part of the cube that lies on the grid."""
+    src = tuple(slice(max(l, 0), min(l + crop.size, n)) for l, n in zip(crop.lo, crop.grid))
+    dst = tuple(slice(s.start - l, s.stop - l) for s, l in zip(src, crop.lo))
+    return src, dst
+
+
 def extract(vol: np.ndarray, crop: Crop) -> np.ndarray:
     """The cube of ``vol`` (zero where it leaves the grid)."""
     out = np.zeros((crop.size,) * 3 + vol.shape[3:], dtype=np.float32)
-    src = [slice(max(l, 0), min(l + crop.size, n)) for l, n in zip(crop.lo, crop.grid)]
-    dst = [slice(s.start - l, s.stop - l) for s, l in zip(src, crop.lo)]
-    out[tuple(dst)] = vol[tuple(src)]
+    src, dst = overlap(crop)
+    out[dst] = vol[src]
     return out
 
 
 def insert(field_crop: np.ndarray, crop: Crop) -> np.ndarray:
     """A (X,Y,Z,3) zero field on the fixed grid with the cube's values pasted in."""
     out = np.zeros(crop.grid + (3,), dtype=np.float32)
-    src = [slice(max(l, 0), min(l + crop.size, n)) for l, n in zip(crop.lo, crop.grid)]
-    dst = [slice(s.start - l, s.stop - l) for s, l in zip(src, crop.lo)]
-    out[tuple(src)] = field_crop[tuple(dst)]
+    src, dst = overlap(crop)
+    out[src] = field_crop[dst]
     return out
 
 

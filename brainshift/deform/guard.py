@@ -10,6 +10,7 @@ from ..lc2 import lc2
 from ..metrics import jacobian_determinant
 from ..ssc import ssc_mse
 
+
 @dataclass
 class GuardDecision:
     """Outcome of :func:`guard`: keep the deformable field or fall back to the affine one."""

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from ..fields import compose
 from ..ssc import ssc_descriptor
-from .grid import (as_image, extract, field_to_numpy, field_to_torch, insert, integrate_svf, mask_crop, normalise,
+from .grid import (as_image, extract, field_to_numpy, field_to_torch, integrate_svf, mask_crop, normalise, overlap,
                    resize_field, taper, warp_torch)
+
 
 def _descriptor(vol: torch.Tensor) -> torch.Tensor:
     """SSC descriptor (12, X, Y, Z) of a 3D tensor (radius 1, dilation 1)."""
@@ -91,4 +92,7 @@ def refine_field(fixed: np.ndarray, moving_aligned: np.ndarray, mask: np.ndarray
         delta = integrate_svf(v)
         if size != crop.size:
             delta = resize_field(delta, (crop.size,) * 3)
-    return compose(insert(field_to_numpy(delta), crop), init)
+    src, dst = overlap(crop)          # the correction is zero outside the crop: compose only there
+    out = init.copy()
+    out[src] = compose(field_to_numpy(delta)[dst], init, origin=[sl.start for sl in src])
+    return out
