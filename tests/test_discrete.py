@@ -97,8 +97,6 @@ def test_constant_translation_is_recovered(n, spacing, shift):
     assert err[mask].mean() < 1.0
 
 
-
-
 def test_push_on_a_simulated_case_is_recovered():
     """An 8 mm push on a simulated MR-iUS case at the iUS's own 0.5 mm (160^3: the simulator's speckle, fan and
     contrasts) is recovered: where the push exceeds 6 mm its endpoint error falls under a third of 8 mm, and where it

@@ -114,7 +114,7 @@ def discrete_field(fixed: np.ndarray, moving_aligned: np.ndarray, mask: np.ndarr
     at 0.5 mm, it cut the spurious displacement at the edge from 7.2 to 2.5 mm; 4 mm cut it to 0.6
     but lost at the peak of a push on another seed). Measured and not kept: 6 mm control points
     (1.73), SSC radius 2 (2.27) or dilation 2 (2.20), a 3 mm level with 18 mm range (2.17), a 16 mm
-    range (1.83), longer or shorter coupling schedules (1.78, 1.83).
+    range (1.83), longer or shorter coupling schedules (1.78, 1.83). Earlier choices:
     2 mm level and 2-voxel cells (4 mm control points) resolve a resection's collapse at
     a small cost volume; ``search_mm`` = 12 covers 5-10 mm shifts with room; the schedule grows x3
     from almost free (outliers corrected) to nearly pinned to the smooth field; one smoothing pass
@@ -133,7 +133,7 @@ def discrete_field(fixed: np.ndarray, moving_aligned: np.ndarray, mask: np.ndarr
     margin_vox = round(search_mm / spacing_mm) if margin_vox is None else margin_vox
     crop = mask_crop(mask, margin_vox, multiple=f * cell)
     wide = dataclasses.replace(crop, lo=crop.lo - r * f, size=crop.size + 2 * r * f)
-    m_crop, m_wide = extract(mask.astype(np.float32), crop) > 0.5, extract(mask.astype(np.float32), wide) > 0.5
+    m_crop, m_wide = extract(mask, crop) > 0.5, extract(mask, wide) > 0.5
     m_cost, e = as_image(m_crop.astype(np.float32)), round(erode_mm / spacing_mm)
     for k in ((2 * e + 1, 1, 1), (1, 2 * e + 1, 1), (1, 1, 2 * e + 1)) if e > 0 else ():   # separable erosion
         m_cost = -F.max_pool3d(-m_cost, k, stride=1, padding=tuple(x // 2 for x in k))

@@ -53,7 +53,7 @@ def overlap(crop: Crop) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
 
 
 def extract(vol: np.ndarray, crop: Crop) -> np.ndarray:
-    """The cube of ``vol`` (zero where it leaves the grid)."""
+    """The cube of ``vol`` as float32 (a bool mask gives 0 and 1), zero where it leaves the grid."""
     out = np.zeros((crop.size,) * 3 + vol.shape[3:], dtype=np.float32)
     src, dst = overlap(crop)
     out[dst] = vol[src]

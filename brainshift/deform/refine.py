@@ -53,7 +53,7 @@ def refine_field(fixed: np.ndarray, moving_aligned: np.ndarray, mask: np.ndarray
         return init.copy()
     top = max(levels)
     crop = mask_crop(mask, margin_vox, multiple=top)
-    m_crop = extract(mask.astype(np.float32), crop)
+    m_crop = extract(mask, crop)
     f_crop = as_image(normalise(extract(fixed, crop), m_crop > 0.5))
     mov_crop = as_image(normalise(extract(moving_aligned, crop), m_crop > 0.5))
     init_crop = field_to_torch(extract(init, crop))

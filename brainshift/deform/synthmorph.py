@@ -113,7 +113,7 @@ def predict_field(fixed: np.ndarray, moving_aligned: np.ndarray, mask: np.ndarra
     elif abs(model.lam - regularisation) > 1e-6:
         log.warning("model %s was trained with lambda %.2f, not %.2f", model.path.name, model.lam, regularisation)
     crop = mask_crop(mask, margin_vox)
-    m = extract(mask.astype(np.float32), crop) > 0.5
+    m = extract(mask, crop) > 0.5
     f_img = normalise(extract(fixed, crop), m)
     m_img = normalise(extract(moving_aligned, crop), m)
     if mask_inputs:
