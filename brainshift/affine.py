@@ -20,6 +20,14 @@ translations (coarse to fine: 4 then 2 mm steps on 4 and 2 mm grids, within +-12
 LC2 on the field of view's bounding box; block matching then starts from the best
 translation as well as from the identity.
 
+**Discrete start** (:func:`discrete_start`): the deformable stage's dense discrete search
+(:func:`brainshift.deform.discrete_field`, SSC cost volume within +-12 mm) run on the pooled pair from
+the identity, and a rigid and an affine map fitted to its matches inside the field of view. Both
+fits are candidates, and the rigid and affine runs also start from them. Unlike the translation
+search it sees rotation and the collapse's overall compression. On a simulated development set
+(seed 1, 6 pairs at 256^3) it raised the pairs where the stage beats the plain rigid baseline from
+4 to 5 (mean TRE 3.28 -> 3.23 mm; one pair 3.89 -> 3.61 mm with the affine fit kept), for 2-5 s.
+
 **Criteria** (see :class:`_Scorer`): ``lc2`` (:mod:`brainshift.lc2`, Wein et al. 2013: iUS as
 a local linear combination of the MR and its gradient magnitude; higher is better) and ``ssc``
 (SSC-descriptor MSE, the paper's; lower is better). Both are computed for every candidate and
@@ -221,7 +229,7 @@ class Candidate:
     fixed_image: str          # which fixed image reg_aladin saw ('ius', 'synthetic_t1')
     model: str                # 'identity', 'rigid', 'affine', 'baseline'
     share: float | None       # -pi (percent)
-    start: str                # 'identity' or 'search' (the global start)
+    start: str                # 'identity', 'search' (the global translation) or 'discrete' (fitted start)
     matrix: np.ndarray        # 4x4 world, fixed -> moving, RAS mm
     scores: dict[str, float] = field(default_factory=dict)   # criterion -> value (NaN if rejected)
     rejected: str | None = None
@@ -346,13 +354,14 @@ def select(candidates: list[Candidate], criterion: str) -> Candidate:
     rung above the current choice only where it beats it clearly (:func:`_clearly_better`).
 
     Rungs: degrees of freedom (identity 0 < rigid and baseline 6 < affine 12), and within each, the
-    runs from the identity before those from the global search's start: the navigation's own
+    runs from the identity before those from another start (the global search's translation, the
+    fit to a discrete search) and the fits themselves: the navigation's own
     alignment is the prior, a start 10-20 mm away needs evidence (rigid from the search start
     landed 12-24 mm off on 4 of 11 simulated 256^3 pairs, once kept for a 0.2 % better SSC-MSE).
     ``candidates`` must contain the identity (first); rejected ones (``rejected`` set) never win.
     """
     chosen = candidates[0]
-    rung = lambda c: (DOF[c.model], c.start == "search")                    # noqa: E731
+    rung = lambda c: (DOF[c.model], c.start != "identity")                  # noqa: E731
     for level in sorted({rung(c) for c in candidates} - {(0, False)}):
         pool = [c for c in candidates if rung(c) == level and c.rejected is None
                 and np.isfinite(c.scores.get(criterion, np.nan))]
@@ -391,6 +400,37 @@ def translation_search(scorers: list[_Scorer], range_mm: float = SEARCH_RANGE_MM
         i = int(np.nanargmax(values))
         best_t, best = ts[i], float(values[i])
     return _translation(best_t), best
+
+
+def discrete_start(fixed: Volume, moving: Volume, mask: np.ndarray, max_points: int = 50_000
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Rigid and affine starts (4x4 world, fixed -> moving, RAS mm) fitted to a dense discrete search.
+
+    The moving image is resampled onto the fixed grid through the headers and
+    :func:`brainshift.deform.discrete_field` (SSC cost volume, +-12 mm, coupled; pull field in fixed
+    voxels) relates the two inside ``mask``; each masked fixed voxel ``p`` (at most ``max_points``,
+    evenly strided) and its match ``p + u(p)`` are taken to world mm through the fixed affine, and a
+    rigid (Procrustes) and an affine (least squares) map are fitted to the pairs. Unlike the
+    translation search it sees rotation and the collapse's overall scaling; unlike block matching it
+    cannot diverge far from the dense search's smooth field.
+    """
+    from .deform import discrete_field
+
+    on_fixed = resample(moving, np.eye(4), fixed.affine, fixed.shape)
+    disp = discrete_field(fixed.data, on_fixed, mask, spacing_mm=float(np.mean(fixed.spacing)))
+    p = np.argwhere(mask)
+    p = p[:: max(1, len(p) // max_points)]
+    q = p + disp[tuple(p.T)]
+    to_world = lambda v: v @ fixed.affine[:3, :3].T + fixed.affine[:3, 3]       # noqa: E731
+    x, y = to_world(p.astype(np.float64)), to_world(q.astype(np.float64))
+    affine = np.eye(4)
+    affine[:3] = np.linalg.lstsq(np.c_[x, np.ones(len(x))], y, rcond=None)[0].T
+    xc, yc = x.mean(0), y.mean(0)
+    u, _, vt = np.linalg.svd((y - yc).T @ (x - xc))
+    r = u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))]) @ vt
+    rigid = np.eye(4)
+    rigid[:3, :3], rigid[:3, 3] = r, yc - r @ xc
+    return rigid, affine
 
 
 class _Aladin:
@@ -434,7 +474,7 @@ def affine_stage(fixed: Volume, moving: Volume, fixed_mask: np.ndarray | None = 
                  extra_fixed: dict[str, Volume] | None = None, shares: tuple[float, ...] | list[float] = DEFAULT_SHARES,
                  rigid_shares: tuple[float, ...] | list[float] = RIGID_SHARES,
                  models: tuple[str, ...] = DEFAULT_MODELS, criterion: str = DEFAULT_CRITERION,
-                 search: bool = True, all_criteria: bool = False, threads: int | None = None,
+                 search: bool = True, discrete: bool = True, all_criteria: bool = False, threads: int | None = None,
                  coarse_factor: int | None = None) -> AffineResult:
     """Choose a global transform per case among identity, rigid and affine candidates.
 
@@ -444,7 +484,8 @@ def affine_stage(fixed: Volume, moving: Volume, fixed_mask: np.ndarray | None = 
     (default ``fixed.data > 0``). ``shares``: LTS ``-pi`` values (percent) of the ``affine`` runs on
     the iUS (extra fixed images: the middle one); ``rigid_shares``: those of the ``rigid`` runs; ``models``: which of :data:`MODELS` to run; ``criterion``: one of
     :data:`CRITERIA`; ``search``: run the global translation search (else start from the identity
-    only); ``all_criteria``: score every candidate under every criterion (for ``bench-coarse``'s
+    only); ``discrete``: also start runs from rigid and affine maps fitted to a dense discrete
+    search (:func:`discrete_start`; the fits are candidates themselves); ``all_criteria``: score every candidate under every criterion (for ``bench-coarse``'s
     regret table; else only under ``criterion``). ``threads``: CPU cores (default all): that many reg_aladin processes at a time.
     ``coarse_factor``: pooling (default: to about 1 mm, see :func:`coarse_factor_for`).
 
@@ -495,6 +536,15 @@ def affine_stage(fixed: Volume, moving: Volume, fixed_mask: np.ndarray | None = 
     starts = {"identity": np.eye(4)}
     if not np.allclose(start, np.eye(4)):
         starts["search"] = start
+    rigid_starts = dict(starts)          # where rigid runs start (a fitted start has a rigid version)
+    fits: list[Candidate] = []
+    if discrete:
+        t0 = time.perf_counter()
+        rigid_starts["discrete"], starts["discrete"] = discrete_start(pooled_fixed["ius"], moving_c, mask_c)
+        sec = time.perf_counter() - t0
+        fits = [Candidate(f"ius/{m}/discrete-fit", "ius", m, None, "discrete", d, seconds=sec)
+                for m, d in (("rigid", rigid_starts["discrete"]), ("affine", starts["discrete"]))]
+        notes.append(f"discrete start: fitted to a dense search in {sec:.1f} s")
 
     # the runs, cheap first: rigid and baseline before affine, each model from both starts.
     # Extra fixed images (the synthetic T1) get the middle share only: their runs cost as much as the
@@ -521,7 +571,8 @@ def affine_stage(fixed: Volume, moving: Volume, fixed_mask: np.ndarray | None = 
                 opts = replace(opts, percent_inliers=share)
             tag = f"{name}/{model}" + (f"/pi{share:g}" if share is not None else "") + f"/{s}"
             try:
-                matrix, sec = runners[name].run(opts, tag.replace("/", "_"), init=None if s == "identity" else starts[s])
+                init = None if s == "identity" else (rigid_starts if model == "rigid" else starts)[s]
+                matrix, sec = runners[name].run(opts, tag.replace("/", "_"), init=init)
                 return Candidate(tag, name, model, share, s, matrix, seconds=sec)
             except (NiftyRegError, OSError, ValueError) as exc:
                 return Candidate(tag, name, model, share, s, np.full((4, 4), np.nan), rejected=f"reg_aladin failed ({exc})")
@@ -531,7 +582,7 @@ def affine_stage(fixed: Volume, moving: Volume, fixed_mask: np.ndarray | None = 
             runs = list(pool.map(one, jobs))
         aladin_seconds = time.perf_counter() - t0
 
-    for cand in runs:
+    for cand in fits + runs:
         if cand.rejected is None:
             cand.rejected = check_matrix(cand.matrix, centre)
         if cand.rejected is None:

@@ -169,6 +169,18 @@ def test_global_start_finds_the_translation(case, rigid_result):
     assert any(c.start == "search" for c in rigid_result.candidates)
 
 
+def test_discrete_start_fits_the_offset(case, rigid_result):
+    """The rigid and affine maps fitted to the dense discrete search land within 1.5 mm mean TRE of a
+    5 deg / 6 mm rigid offset (identity: > 5 mm), and both are scored as candidates of their own."""
+    fixed, moving, truth, f_lms, m_lms = case
+    rigid_fit, affine_fit = aff.discrete_start(fixed, moving, fixed.data > 0)
+    assert mean_tre(rigid_fit, fixed, moving, f_lms, m_lms) < 1.5
+    assert mean_tre(affine_fit, fixed, moving, f_lms, m_lms) < 1.5
+    np.testing.assert_allclose(rigid_fit[:3, :3] @ rigid_fit[:3, :3].T, np.eye(3), atol=1e-9)   # a rotation
+    fits = [c for c in rigid_result.candidates if c.start == "discrete" and c.share is None]
+    assert {c.model for c in fits} == {"rigid", "affine"} and all(np.isfinite(c.scores["ssc"]) for c in fits)
+
+
 def test_scaled_offset_picks_an_affine_candidate():
     """An anisotropic 10 % scaling on top of the rigid offset: a 12-dof candidate is chosen and beats rigid."""
     fixed, moving, truth, f_lms, m_lms = toy_case(seed=1, scale=1.1)
@@ -237,7 +249,8 @@ def test_degenerate_candidates_rejected(case, monkeypatch):
     monkeypatch.setattr(aff._Aladin, "run", planted({
         10: np.full((4, 4), np.nan), 20: np.diag([1.5, 1.5, 1.5, 1.0]), 30: NiftyRegError("boom"),
         40: shift, 50: lost, 60: truth}))
-    result = affine_stage(fixed, moving, shares=(10, 20, 30, 40, 50, 60), models=("affine",), search=False, threads=1)
+    result = affine_stage(fixed, moving, shares=(10, 20, 30, 40, 50, 60), models=("affine",), search=False, discrete=False,
+                          threads=1)
     assert result.kept == "affine" and result.share == 60
     np.testing.assert_allclose(result.matrix, truth)
     scores = {c.share: c.scores["ssc"] for c in result.candidates if c.model == "affine"}
@@ -253,7 +266,8 @@ def test_never_worse_than_identity(case, monkeypatch):
     centre = (fixed.affine @ np.r_[np.argwhere(fixed.data > 0).mean(axis=0), 1])[:3]
     wrong = rigid(-10, (1, 0, 0), (-6, 5, 0), centre)
     monkeypatch.setattr(aff._Aladin, "run", planted({50: wrong}))
-    result = affine_stage(fixed, moving, shares=(50,), models=("affine",), search=False, threads=1)
+    result = affine_stage(fixed, moving, shares=(50,), models=("affine",), search=False, discrete=False,
+                          threads=1)
     assert result.kept == "identity" and result.share is None
     wrong_score = next(c for c in result.candidates if c.model == "affine").scores["ssc"]
     assert wrong_score > result.score_identity
