@@ -233,7 +233,7 @@ class Candidate:
     matrix: np.ndarray        # 4x4 world, fixed -> moving, RAS mm
     scores: dict[str, float] = field(default_factory=dict)   # criterion -> value (NaN if rejected)
     rejected: str | None = None
-    seconds: float = 0.0      # reg_aladin wall time
+    seconds: float = 0.0      # wall time to make it (its reg_aladin run, or the discrete fit)
 
     def as_dict(self) -> dict:
         return {"name": self.name, "fixed_image": self.fixed_image, "model": self.model, "share": self.share,
@@ -546,7 +546,7 @@ def affine_stage(fixed: Volume, moving: Volume, fixed_mask: np.ndarray | None = 
                 for m, d in (("rigid", rigid_starts["discrete"]), ("affine", starts["discrete"]))]
         notes.append(f"discrete start: fitted to a dense search in {sec:.1f} s")
 
-    # the runs, cheap first: rigid and baseline before affine, each model from both starts.
+    # the runs, cheap first: rigid and baseline before affine, each model from every start.
     # Extra fixed images (the synthetic T1) get the middle share only: their runs cost as much as the
     # iUS's and have not been picked more than occasionally (see the style issue).
     jobs: list[tuple[str, str, float | None, str]] = []    # (fixed image, model, share, start)
