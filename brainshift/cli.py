@@ -54,7 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     try:
         records, errors = run_cases(found.cases, args.output, method=args.method, stages=args.stages,
-                                    refine=args.refine, large_shift=args.large_shift, threads=args.threads, qc=args.qc,
+                                    refine=args.refine, large_shift=args.large_shift, network=args.network,
+                                    threads=args.threads, qc=args.qc,
                                     progress=not args.quiet)
     except InputError as exc:
         _err(str(exc))
@@ -244,7 +245,7 @@ def cmd_train_style(args: argparse.Namespace) -> int:
 
 
 def cmd_train_synthmorph(args: argparse.Namespace) -> int:
-    from .synthmorph_train import main as trainer_main
+    from .deform.train import main as trainer_main
 
     return trainer_main(args.trainer_args)
 
@@ -283,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
                    help="after SynthMorph, optimise the field on the pair itself (SSC + diffusion, Adam); "
                    "on by default, --no-refine to skip")
+    r.add_argument("--network", action=argparse.BooleanOptionalAction, default=True,
+                   help="start the deformable stage from the trained network's field (model/synthmorph/); on by "
+                   "default, --no-network to start from zero")
     r.add_argument("--large-shift", action=argparse.BooleanOptionalAction, default=True,
                    help="before the refinement, a discrete search over displacements up to 12 mm inside the iUS "
                    "field of view (SSC cost volume, coupled convex optimisation) for the local collapse after "
@@ -420,10 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the iUS field of view; checkpoints every epoch, --resume, loss log, validation PNGs.")
     ts.set_defaults(func=cmd_train_style)
     tm = sub.add_parser("train-synthmorph", add_help=False,
-                        help="train the SynthMorph deformable model on synthetic label maps",
-                        description="SynthMorph recipe: random label maps -> random-contrast images -> random SVF "
-                        "deformations; Dice on warped one-hot labels + lambda * gradient penalty; AdamW, AMP on "
-                        "CUDA, checkpoints, --resume, loss log, model card.")
+                        help="train the deformable network on synthetic label maps (SynthMorph's idea)",
+                        description="Random label maps -> random-contrast images -> random SVF deformations; "
+                        "Dice on warped one-hot labels + lambda * gradient penalty + the known field; AdamW, "
+                        "checkpoints, exact --resume, learning curve, model card; torchrun for several processes.")
     tm.set_defaults(func=cmd_train_synthmorph)
     return p
 

@@ -34,7 +34,8 @@ class Result:
 
 def register(fixed: Volume, moving: Volume, method: str = "brainshift", stages: tuple[str, ...] = STAGES,
              modality: str = "t1", refine: bool = True, regularisation: float = 0.5,
-             threads: int | None = None, fixed_mask: np.ndarray | None = None, large_shift: bool = True) -> Result:
+             threads: int | None = None, fixed_mask: np.ndarray | None = None, large_shift: bool = True,
+             network: bool = True) -> Result:
     """Register the moving MR to the fixed iUS; return the pull field and a per-stage record.
 
     * ``identity``: the zero field (the images' own alignment).
@@ -70,7 +71,7 @@ def register(fixed: Volume, moving: Volume, method: str = "brainshift", stages: 
             raise ValueError(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
         disp = _brainshift(fixed, moving, stages, modality, refine, regularisation, threads,
                            fixed.data > 0 if fixed_mask is None else fixed_mask.astype(bool), record, outputs,
-                           large_shift)
+                           large_shift, network)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     record["seconds"] = time.perf_counter() - t0
@@ -79,7 +80,7 @@ def register(fixed: Volume, moving: Volume, method: str = "brainshift", stages: 
 
 def _brainshift(fixed: Volume, moving: Volume, stages: tuple[str, ...], modality: str, refine: bool,
                 regularisation: float, threads: int | None, mask: np.ndarray, record: dict,
-                outputs: dict, large_shift: bool = True) -> np.ndarray:
+                outputs: dict, large_shift: bool = True, network: bool = True) -> np.ndarray:
     """The stages of the ``brainshift`` method; fills ``record['stages']`` and ``outputs``."""
     steps = outputs.setdefault("fields", {})
     candidates = {"ius": fixed}          # fixed images the registration may use
@@ -111,7 +112,8 @@ def _brainshift(fixed: Volume, moving: Volume, stages: tuple[str, ...], modality
         t = time.perf_counter()
         fixed_reg = candidates[chosen].data
         aligned = fields.warp(moving_reg.data, disp)  # the MR after the affine stage, on the fixed grid
-        local = predict_field(fixed_reg, aligned, mask, regularisation=regularisation)
+        local = (predict_field(fixed_reg, aligned, mask, regularisation=regularisation) if network
+                 else np.zeros(fixed_reg.shape + (3,), np.float32))   # without the network: from zero
         times = {"network": time.perf_counter() - t}
         if large_shift:  # discrete search for what the network left, composed after it
             t1 = time.perf_counter()
@@ -127,7 +129,7 @@ def _brainshift(fixed: Volume, moving: Volume, stages: tuple[str, ...], modality
         if decision.kept:
             disp = outputs["deform_candidate"]
         steps["deform"] = disp
-        record["stages"]["deform"] = {**decision.as_dict(), "refine": refine, "large_shift": large_shift,
+        record["stages"]["deform"] = {**decision.as_dict(), "network": network, "refine": refine, "large_shift": large_shift,
                                       "regularisation": regularisation, "step_seconds": times,
                                       "seconds": time.perf_counter() - t}
     return disp
@@ -148,7 +150,8 @@ def check_inputs(fixed: Volume, moving: Volume, case: Case, fixed_mask: Volume |
 
 
 def run_case(case: Case, out_dir: str | os.PathLike, method: str = "brainshift", stages: tuple[str, ...] = STAGES,
-             refine: bool = True, threads: int | None = None, qc: bool = False, large_shift: bool = True) -> dict:
+             refine: bool = True, threads: int | None = None, qc: bool = False, large_shift: bool = True,
+             network: bool = True) -> dict:
     """Load one pair, register it, write ``out_dir/case.output_name`` atomically; return the record.
 
     With ``qc``, per-stage diagnostics go to ``out_dir/qc/``: the coarse stage's candidates and criterion curve
@@ -161,8 +164,7 @@ def run_case(case: Case, out_dir: str | os.PathLike, method: str = "brainshift",
     check_inputs(fixed, moving, case, mask_vol)
     fixed_mask = mask_vol.data > 0 if mask_vol is not None else None
     result = register(fixed, moving, method=method, stages=stages, modality=case.modality, refine=refine,
-                      large_shift=large_shift,
-                      threads=threads, fixed_mask=fixed_mask)
+                      large_shift=large_shift, network=network, threads=threads, fixed_mask=fixed_mask)
     path = fields.write_field(Path(out_dir) / case.output_name, result.disp, moving.affine)
     record = {**result.record, "case": case.pair_name, "field": str(path)}
     if qc:
@@ -198,7 +200,7 @@ def check_writable(out_dir: str | os.PathLike) -> None:
 
 def run_cases(cases: list[Case], out_dir: str | os.PathLike, method: str = "brainshift",
               stages: tuple[str, ...] = STAGES, refine: bool = True, large_shift: bool = True,
-              threads: int | None = None,
+              threads: int | None = None, network: bool = True,
               qc: bool = False, progress: bool = True) -> tuple[list[dict], list[str]]:
     """Run every case; one failing case never stops the others. Returns (records, error lines)."""
     from tqdm import tqdm
@@ -208,7 +210,7 @@ def run_cases(cases: list[Case], out_dir: str | os.PathLike, method: str = "brai
     for case in tqdm(cases, desc=method, unit="pair", disable=not progress):
         try:
             records.append(run_case(case, out_dir, method=method, stages=stages, refine=refine, threads=threads, qc=qc,
-                                    large_shift=large_shift))
+                                    large_shift=large_shift, network=network))
         except (InputError, NiftyRegError, ValueError) as exc:
             errors.append(one_line(f"{case.pair_name}: {exc}", limit=500))
         except Exception as exc:  # an unexpected failure in one case must not stop the others

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +14,9 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from brainshift import deform, fields, metrics
-from brainshift import synthmorph_train as st
+from brainshift.deform import network as dn
+from brainshift.deform import synthetic as syn
+from brainshift.deform import train as st
 
 torch.set_num_threads(1)
 
@@ -35,8 +42,8 @@ def epe(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 # ---------------------------------------------------------------------------------------- generator
 def test_generator_is_deterministic_per_seed():
-    cfg = st.GeneratorConfig(shape=16, n_labels=8)
-    a, b, c = st.generate_pair(3, cfg), st.generate_pair(3, cfg), st.generate_pair(4, cfg)
+    cfg = syn.GeneratorConfig(shape=16, n_labels=8)
+    a, b, c = syn.generate_pair(3, cfg), syn.generate_pair(3, cfg), syn.generate_pair(4, cfg)
     assert set(a) == {"fixed", "moving", "fixed_labels", "moving_labels", "truth"}
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -47,21 +54,21 @@ def test_generator_is_deterministic_per_seed():
 
 def test_generator_truth_field_aligns_the_labels():
     """The returned true pull field maps the moving labels onto the fixed ones better than identity."""
-    cfg = st.GeneratorConfig(shape=24, n_labels=8, svf_std_max=4.0)
-    p = st.generate_pair(11, cfg)
-    before = st.hard_dice(p["fixed_labels"], p["moving_labels"], None, 8)
-    after = st.hard_dice(p["fixed_labels"], p["moving_labels"], p["truth"], 8)
+    cfg = syn.GeneratorConfig(shape=24, n_labels=8, svf_std_max=4.0)
+    p = syn.generate_pair(11, cfg)
+    before = syn.hard_dice(p["fixed_labels"], p["moving_labels"], None, 8)
+    after = syn.hard_dice(p["fixed_labels"], p["moving_labels"], p["truth"], 8)
     assert after > before + 0.05
 
 
 # ---------------------------------------------------------------------------------------- training
 def test_kaiming_init_keeps_the_deep_unet_levels_alive():
     """He init: the bottleneck's activations keep their scale; PyTorch's default shrinks them ~3x per layer."""
-    pair = st.generate_pair(1, st.GeneratorConfig(shape=32))
+    pair = syn.generate_pair(1, syn.GeneratorConfig(shape=32))
     scale = {}
     for init in ("kaiming", "torch"):
         torch.manual_seed(0)
-        net = st.build_network(st.NetConfig(init=init))
+        net = dn.build_network(dn.NetConfig(design="unet", init=init))
         seen = {}
         net.model.lowest_resolution_conv_block.register_forward_hook(lambda m, i, o: seen.update(std=float(o.std())))
         with torch.no_grad():
@@ -70,33 +77,59 @@ def test_kaiming_init_keeps_the_deep_unet_levels_alive():
     assert scale["kaiming"] > 0.1 and scale["torch"] < 0.2 * scale["kaiming"], scale
 
 
-def test_training_runs_checkpoints_and_resumes(tmp_path):
-    cfg = st.TrainConfig(out=str(tmp_path), iterations=2, threads=1, checkpoint_every=1, val_every=0, val_pairs=1,
-                         generator=st.GeneratorConfig(shape=16, n_labels=4), net=st.NetConfig(nb_features=(4, 8, 8)))
-    card = st.train(cfg, progress=False)
-    stem = st.model_stem(cfg.lam)
-    ck = torch.load(tmp_path / f"{stem}.ckpt.pt", weights_only=False)
-    assert ck["iteration"] == 2
-    assert (tmp_path / f"{stem}.pt").is_file()
-    assert json.loads((tmp_path / f"{stem}.json").read_text())["iterations"] == 2 == card["iterations"]
-    first = ck["model"]["flow_layer.conv0.weight"].clone()
+def _tiny_config(out, iterations: int, **kw) -> st.TrainConfig:
+    return st.TrainConfig(out=str(out), iterations=iterations, threads=1, checkpoint_every=1, val_every=0, val_pairs=1,
+                          generator=syn.GeneratorConfig(shape=16, n_labels=4, related_prob=0.5),
+                          net=dn.NetConfig(radius=2, width=8, features=8), **kw)
 
-    cfg.iterations, cfg.resume = 3, True
-    st.train(cfg, progress=False)
-    ck = torch.load(tmp_path / f"{stem}.ckpt.pt", weights_only=False)
-    assert ck["iteration"] == 3
-    assert not torch.equal(first, ck["model"]["flow_layer.conv0.weight"])   # it trained on from there
-    rows = (tmp_path / f"{stem}.log.csv").read_text().strip().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]              # the log was continued
+
+def _curve(out) -> list[list[str]]:
+    """The learning curve's (iteration, loss, dice_loss, grad, sup) rows."""
+    rows = (Path(out) / f"{st.model_stem(0.5)}.log.csv").read_text().strip().splitlines()[1:]
+    return [r.split(",")[:5] for r in rows]
+
+
+def test_training_checkpoints_and_resumes_exactly(tmp_path):
+    """Interrupted after 2 iterations and resumed to 4 = 4 straight: the same curve and the same weights."""
+    st.train(_tiny_config(tmp_path / "straight", 4), progress_bar=False)
+    card = st.train(_tiny_config(tmp_path / "pieces", 2), progress_bar=False)
+    stem = st.model_stem(0.5)
+    ck = torch.load(tmp_path / "pieces" / f"{stem}.ckpt.pt", weights_only=False)
+    assert ck["iteration"] == 2 == card["iterations"]
+    assert json.loads((tmp_path / "pieces" / f"{stem}.json").read_text())["iterations"] == 2
+    st.train(_tiny_config(tmp_path / "pieces", 4, resume=True), progress_bar=False)
+    assert [r[0] for r in _curve(tmp_path / "pieces")] == ["1", "2", "3", "4"]   # the log was continued
+    assert _curve(tmp_path / "pieces") == _curve(tmp_path / "straight")
+    a = torch.load(tmp_path / "pieces" / f"{stem}.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "straight" / f"{stem}.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
     # the weights load for inference and give a zero field outside the crop
-    model = deform.load_model(tmp_path)
+    model = deform.load_model(tmp_path / "pieces")
     fixed, moving, mask, _ = smooth_pair(24, amp=1.0)
     mask[:] = False
     mask[8:16, 8:16, 8:16] = True
     disp = deform.predict_field(fixed, moving, mask, model=model, margin_vox=2)
     assert disp.shape == (24, 24, 24, 3) and disp.dtype == np.float32
     assert np.all(disp[:5] == 0) and np.all(disp[:, 19:] == 0)
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
+def test_two_process_torchrun_gives_the_single_process_loss(tmp_path):
+    """DDP with 2 gloo ranks of batch 1 = one process of batch 2: same pairs, same averaged gradients."""
+    args = ["--shape", "16", "--labels", "4", "--radius", "2", "--width", "8", "--iterations", "3", "--threads", "1",
+            "--val-every", "0", "--checkpoint-every", "3", "--device", "cpu", "--related", "0.5", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "brainshift.deform.train", "--out", str(tmp_path / "one"), "--batch", "2",
+                    *args], check=True, env=env, capture_output=True)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "brainshift.deform.train", "--out",
+                    str(tmp_path / "two"), "--batch", "1", *args], check=True, env=env, capture_output=True)
+    one, two = _curve(tmp_path / "one"), _curve(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert np.allclose([float(x) for x in a[1:]], [float(x) for x in b[1:]], rtol=1e-3, atol=1e-5), (a, b)
+    assert float(one[0][1]) != float(one[2][1])    # it trained: the loss moved
 
 
 # ---------------------------------------------------------------------------------------- geometry

@@ -53,7 +53,7 @@ def available_models(directory: Path | None = None) -> dict[float, Path]:
 
 def load_model(path: Path | str | None = None, device: str | None = None,
                regularisation: float = 0.5) -> SynthMorphModel:
-    """Load a trained SynthMorph network (weights written by :mod:`brainshift.synthmorph_train`).
+    """Load a trained SynthMorph network (weights written by :mod:`brainshift.deform.train`).
 
     ``path``: a weight file, or a folder in which the model whose lambda is nearest to
     ``regularisation`` is chosen (default folder: ``model/synthmorph/`` of the repository).
@@ -76,7 +76,7 @@ def load_model(path: Path | str | None = None, device: str | None = None,
 
 @lru_cache(maxsize=4)
 def _load_cached(path: str, device: str) -> SynthMorphModel:
-    from ..synthmorph_train import build_network
+    from .network import build_network
 
     ck = torch.load(path, map_location=device, weights_only=False)
     net = build_network(ck["net"])

@@ -27,10 +27,8 @@ Files in ``out``: ``checkpoint.pt`` (everything, every epoch; ``resume=True`` co
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..training import CsvLog, Dist, progress as progress_bar, rng_state, save_atomic, set_rng_state
 from .data import PatchSampler, StyleCase, load_cases
 from .infer import StyleModel, save_generator, synthesize_t1
 from .losses import correlation_loss, lsgan_loss, masked_l1
@@ -72,12 +71,6 @@ class StyleTrainConfig:
     seed: int = 0
     threads: int = 0                # torch CPU threads (0 = leave torch's default)
     resume: bool = False
-
-
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _lr_factor(epoch: int, epochs: int) -> float:
@@ -116,8 +109,7 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
 
     ``cases`` overrides ``cfg.data`` (tests pass small in-memory volumes).
     """
-    from tqdm import tqdm
-
+    dist = Dist.from_env(cfg.device)   # one process, or one rank of torchrun (gradients averaged)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -133,7 +125,7 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
         cfg.depth = min(7, max_depth(cfg.patch))
     if cfg.patch % (2 ** cfg.depth):
         raise ValueError(f"patch {cfg.patch} is not divisible by 2**depth = {2 ** cfg.depth}")
-    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = dist.device
     use_amp = cfg.amp and dev.type == "cuda"
     torch.manual_seed(cfg.seed)
 
@@ -148,7 +140,7 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
                               betas=(0.5, 0.999), weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(list(d_t1.parameters()) + list(d_us.parameters()), lr=cfg.lr,
                               betas=(0.5, 0.999), weight_decay=cfg.weight_decay)
-    sampler = PatchSampler(cases, cfg.patch, seed=cfg.seed)
+    sampler = PatchSampler(cases, cfg.patch, seed=cfg.seed + 1000 * dist.rank)   # each rank its own patches
     epoch, step, wall_before = 0, 0, 0.0
     if ckpt is not None:
         for net, key in ((g_ab, "g_us2t1"), (g_ba, "g_t12us"), (d_t1, "d_t1"), (d_us, "d_us")):
@@ -157,13 +149,15 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
         opt_d.load_state_dict(ckpt["opt_d"])
         epoch, step, wall_before = ckpt["epoch"], ckpt["step"], ckpt.get("wall_s", 0.0)
         sampler.rng.bit_generator.state = ckpt["sampler_rng"]
-        torch.set_rng_state(ckpt["torch_rng"])
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+        else:   # checkpoints written before brainshift.training
+            torch.set_rng_state(ckpt["torch_rng"])
 
     steps_per_epoch = math.ceil(len(cases) * cfg.patches_per_volume / cfg.batch)
     log_path = out / "loss_log.csv"
-    if not (cfg.resume and log_path.is_file()):
-        with open(log_path, "w", newline="") as fh:
-            csv.writer(fh).writerow(["epoch", "step", "lr", "wall_s", *LOSS_KEYS, "val_ncc_synth_t1", "val_ncc_us_t1"])
+    log = CsvLog(log_path, ["epoch", "step", "lr", "wall_s", *LOSS_KEYS, "val_ncc_synth_t1", "val_ncc_us_t1"],
+                 restart=not (cfg.resume and log_path.is_file()), enabled=dist.main, keep_until=epoch)
     val_case = cases[0]
     t_start = time.time()
     last: dict[str, float] = {}
@@ -179,8 +173,8 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
                 group["lr"] = cfg.lr * factor
         sums = dict.fromkeys(LOSS_KEYS, 0.0)
         n_steps = 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   leave=False, dynamic_ncols=True)
+        bar = progress_bar(range(steps_per_epoch), progress and dist.main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                           leave=False)
         for _ in bar:
             if cfg.max_steps and step >= cfg.max_steps:
                 break
@@ -201,6 +195,7 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
             g_total = g_gan + cfg.lam_cyc * cycle + cfg.lam_idt * identity + cfg.lam_cor * corr
             opt_g.zero_grad(set_to_none=True)
             g_total.backward()
+            dist.average_gradients(list(g_ab.parameters()) + list(g_ba.parameters()))
             opt_g.step()
 
             for d in (d_t1, d_us):
@@ -210,6 +205,7 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
                 d_us_loss = 0.5 * (lsgan_loss(d_us(a), True) + lsgan_loss(d_us(fake_a.detach()), False))
             opt_d.zero_grad(set_to_none=True)
             (d_t1_loss + d_us_loss).backward()
+            dist.average_gradients(list(d_t1.parameters()) + list(d_us.parameters()))
             opt_d.step()
 
             values = dict(g_gan=g_gan, cycle=cycle, identity=identity, corr=corr, g_total=g_total,
@@ -224,10 +220,12 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
         epoch += 1
         last = {k: v / max(n_steps, 1) for k, v in sums.items()}
         wall = wall_before + time.time() - t_start
-        out_of_time = cfg.time_limit_min and (time.time() - t_start) > 60 * cfg.time_limit_min
+        # ranks must agree on when to stop: the decision is the mean of their clocks' verdicts
+        out_of_time = bool(cfg.time_limit_min) and dist.mean(
+            torch.tensor(float(time.time() - t_start > 60 * cfg.time_limit_min))) > 0
         final = epoch >= cfg.epochs or out_of_time or (cfg.max_steps and step >= cfg.max_steps)
         val_ncc = (float("nan"), float("nan"))  # logged on validation epochs only
-        if epoch % cfg.val_every == 0 or final:
+        if dist.main and (epoch % cfg.val_every == 0 or final):
             g_ab.eval()
             model = StyleModel(g_ab, cfg.patch)
             synth = synthesize_t1((val_case.us + 1) / 2 * val_case.fov, model, dev)
@@ -236,28 +234,31 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
             val_ncc = (_ncc(synth, t1, val_case.fov), _ncc((val_case.us + 1) / 2, t1, val_case.fov))
             _validation_png(out / f"val_epoch{epoch:04d}.png", val_case, synth,
                             f"case {val_case.name}, epoch {epoch}, step {step}")
-        with open(log_path, "a", newline="") as fh:
-            csv.writer(fh).writerow([epoch, step, f"{cfg.lr * factor:.3g}", f"{wall:.1f}",
-                                     *(f"{last[k]:.5f}" for k in LOSS_KEYS), f"{val_ncc[0]:.4f}", f"{val_ncc[1]:.4f}"])
-        _save_atomic({"config": asdict(cfg), "epoch": epoch, "step": step, "wall_s": wall,
-                      "g_us2t1": g_ab.state_dict(), "g_t12us": g_ba.state_dict(),
-                      "d_t1": d_t1.state_dict(), "d_us": d_us.state_dict(),
-                      "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                      "sampler_rng": sampler.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                      "losses": last}, ckpt_path)
+        log.row([epoch, step, f"{cfg.lr * factor:.3g}", f"{wall:.1f}", *(f"{last[k]:.5f}" for k in LOSS_KEYS),
+                 f"{val_ncc[0]:.4f}", f"{val_ncc[1]:.4f}"])
         card = {
             "model": "3D CycleGAN generator iUS -> T1 (U-Net, pix2pix-style, instance norm, tanh)",
             "config": asdict(cfg), "epoch": epoch, "step": step, "steps_per_epoch": steps_per_epoch,
             "epoch_definition": f"{cfg.patches_per_volume} random patches per training volume",
-            "n_training_volumes": len(cases), "device": str(dev), "amp": use_amp,
+            "n_training_volumes": len(cases), "device": str(dev), "amp": use_amp, "processes": dist.world,
             "torch_threads": torch.get_num_threads(), "wall_s": round(wall, 1),
             "generator_parameters": count_parameters(g_ab), "final_epoch_losses": last,
             "val_ncc_synth_vs_t1_unaligned": val_ncc[0], "val_ncc_us_vs_t1_unaligned": val_ncc[1],
         }
-        save_generator(out / "us2t1.pt", g_ab, cfg.patch, meta={k: card[k] for k in ("epoch", "step", "wall_s")})
-        (out / "train_card.json").write_text(json.dumps(card, indent=2))
+        if dist.main:
+            save_atomic({"config": asdict(cfg), "epoch": epoch, "step": step, "wall_s": wall,
+                         "g_us2t1": g_ab.state_dict(), "g_t12us": g_ba.state_dict(),
+                         "d_t1": d_t1.state_dict(), "d_us": d_us.state_dict(),
+                         "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                         "sampler_rng": sampler.rng.bit_generator.state, "rng": rng_state(),
+                         "losses": last}, ckpt_path)
+            save_generator(out / "us2t1.pt", g_ab, cfg.patch, meta={k: card[k] for k in ("epoch", "step", "wall_s")})
+            (out / "train_card.json").write_text(json.dumps(card, indent=2))
         if out_of_time:
             break
+    dist.close()
+    if not dist.main:
+        return card if epoch else {}
     return json.loads((out / "train_card.json").read_text()) if (out / "train_card.json").is_file() else {}
 
 
