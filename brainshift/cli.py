@@ -284,9 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
                    help="after SynthMorph, optimise the field on the pair itself (SSC + diffusion, Adam); "
                    "on by default, --no-refine to skip")
-    r.add_argument("--network", action=argparse.BooleanOptionalAction, default=True,
-                   help="start the deformable stage from the trained network's field (model/synthmorph/); on by "
-                   "default, --no-network to start from zero")
+    r.add_argument("--network", action=argparse.BooleanOptionalAction, default=False,
+                   help="start the deformable stage from the trained network's field (model/synthmorph/); off by "
+                   "default (from zero) until the whole pipeline with it is measured on the development sets")
     r.add_argument("--large-shift", action=argparse.BooleanOptionalAction, default=True,
                    help="before the refinement, a discrete search over displacements up to 12 mm inside the iUS "
                    "field of view (SSC cost volume, coupled convex optimisation) for the local collapse after "

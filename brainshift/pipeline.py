@@ -35,7 +35,7 @@ class Result:
 def register(fixed: Volume, moving: Volume, method: str = "brainshift", stages: tuple[str, ...] = STAGES,
              modality: str = "t1", refine: bool = True, regularisation: float = 0.5,
              threads: int | None = None, fixed_mask: np.ndarray | None = None, large_shift: bool = True,
-             network: bool = True) -> Result:
+             network: bool = False) -> Result:
     """Register the moving MR to the fixed iUS; return the pull field and a per-stage record.
 
     * ``identity``: the zero field (the images' own alignment).
@@ -80,7 +80,7 @@ def register(fixed: Volume, moving: Volume, method: str = "brainshift", stages: 
 
 def _brainshift(fixed: Volume, moving: Volume, stages: tuple[str, ...], modality: str, refine: bool,
                 regularisation: float, threads: int | None, mask: np.ndarray, record: dict,
-                outputs: dict, large_shift: bool = True, network: bool = True) -> np.ndarray:
+                outputs: dict, large_shift: bool = True, network: bool = False) -> np.ndarray:
     """The stages of the ``brainshift`` method; fills ``record['stages']`` and ``outputs``."""
     steps = outputs.setdefault("fields", {})
     candidates = {"ius": fixed}          # fixed images the registration may use
@@ -151,7 +151,7 @@ def check_inputs(fixed: Volume, moving: Volume, case: Case, fixed_mask: Volume |
 
 def run_case(case: Case, out_dir: str | os.PathLike, method: str = "brainshift", stages: tuple[str, ...] = STAGES,
              refine: bool = True, threads: int | None = None, qc: bool = False, large_shift: bool = True,
-             network: bool = True) -> dict:
+             network: bool = False) -> dict:
     """Load one pair, register it, write ``out_dir/case.output_name`` atomically; return the record.
 
     With ``qc``, per-stage diagnostics go to ``out_dir/qc/``: the coarse stage's candidates and criterion curve
@@ -200,7 +200,7 @@ def check_writable(out_dir: str | os.PathLike) -> None:
 
 def run_cases(cases: list[Case], out_dir: str | os.PathLike, method: str = "brainshift",
               stages: tuple[str, ...] = STAGES, refine: bool = True, large_shift: bool = True,
-              threads: int | None = None, network: bool = True,
+              threads: int | None = None, network: bool = False,
               qc: bool = False, progress: bool = True) -> tuple[list[dict], list[str]]:
     """Run every case; one failing case never stops the others. Returns (records, error lines)."""
     from tqdm import tqdm
