@@ -46,8 +46,9 @@ def register(fixed: Volume, moving: Volume, method: str = "brainshift", stages: 
       identity, from a global translation search and from maps fitted to a dense discrete search
       (the fits are candidates too), on the raw iUS and, with ``style``, on the
       synthetic T1; kept by SSC-MSE against the raw iUS with a model-selection margin), ``deform``
-      (SynthMorph inside the iUS field of view; then, with ``large_shift``, a discrete search over
-      displacements up to 12 mm for what the network left; then instance ``refine``ment on the pair;
+      (with ``network``, the trained network inside the iUS field of view, else a zero start; then,
+      with ``large_shift``, a discrete search over displacements up to 12 mm for what the network
+      left; then instance ``refine``ment on the pair;
       kept only if the guard accepts it: SSC-MSE and LC2 against the raw iUS must both improve and
       the field must be plausible).
 

@@ -1,9 +1,11 @@
 """Deformable stage: SynthMorph inside the iUS field of view, a large-displacement search, instance
 refinement, a guard.
 
-One module per step: :mod:`.synthmorph` (network, prediction), :mod:`.discrete` (large-displacement
-search), :mod:`.refine` (instance optimisation), :mod:`.guard` (keep or reject), :mod:`.grid` (crop
-geometry, tensor helpers). The pipeline runs them in that order: network, then the discrete search
+One module per step: :mod:`.synthmorph` (loading the trained network, prediction), :mod:`.discrete`
+(large-displacement search), :mod:`.refine` (instance optimisation), :mod:`.guard` (keep or reject),
+:mod:`.grid` (crop geometry, tensor helpers). The network's own modules: :mod:`.network` (designs),
+:mod:`.synthetic` (training pairs and their metrics), :mod:`.train` (the trainer), :mod:`.evaluate`
+(held-out numbers, learning curves). The pipeline runs them in that order: network, then the discrete search
 on what the network left (composed after it), then the refinement from that field, then the guard.
 
 Conventions (as :mod:`brainshift.fields`): every field here is a **voxel pull field on the fixed

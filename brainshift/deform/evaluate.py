@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .network import build_network
-from .synthetic import VAL_SEED_BASE, GeneratorConfig, generate_pair, pair_metrics
+from .synthetic import VAL_SEED_BASE, GeneratorConfig, held_out_metrics
 
 EVAL_SEED_BASE = VAL_SEED_BASE + 1000
 
@@ -36,15 +36,9 @@ def load_trained(path: str | Path | None = None) -> tuple[torch.nn.Module, Gener
     return net.eval(), gen, ck.get("card", {})
 
 
-@torch.no_grad()
 def evaluate(net: torch.nn.Module, gen: GeneratorConfig, pairs: int = 16) -> dict[str, float]:
     """Mean Dice / EPE / boundary EPE over ``pairs`` held-out pairs, identity (``*_before``) and network."""
-    rows = []
-    for i in range(pairs):
-        p = generate_pair(EVAL_SEED_BASE + i, gen)
-        before, after = pair_metrics(p, None, gen.n_labels), pair_metrics(p, net(p["moving"], p["fixed"]), gen.n_labels)
-        rows.append({**{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()}})
-    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    return held_out_metrics(net, gen, range(EVAL_SEED_BASE, EVAL_SEED_BASE + pairs))
 
 
 def plot_curves(out: str | Path, logs: list[tuple[str, Path]]) -> None:

@@ -52,7 +52,6 @@ class GeneratorConfig:
     related_prob: float = 0.0             # probability that the moving contrast is a monotone map of the fixed's
 
 
-
 def _u(g: torch.Generator, lo: float, hi: float) -> float:
     return lo + (hi - lo) * float(torch.rand((), generator=g))
 
@@ -86,19 +85,15 @@ def _random_mask(g: torch.Generator, n: int, device) -> torch.Tensor:
     return torch.sigmoid(inside * 20)[None, None]
 
 
-def _synth_image(g: torch.Generator, labels: torch.Tensor, cfg: GeneratorConfig,
-                 means: torch.Tensor | None = None) -> torch.Tensor:
-    """A random-contrast image ``(B,1,*)`` in [0,1] from integer labels ``(B,1,*)``.
-
-    ``means``: the label intensities ``(B, n_labels)`` (default: drawn uniformly in [0, 1]).
-    """
+def _synth_image(g: torch.Generator, labels: torch.Tensor, cfg: GeneratorConfig, means: torch.Tensor) -> torch.Tensor:
+    """A random-contrast image ``(B,1,*)`` in [0,1] from integer labels ``(B,1,*)`` and label intensities
+    ``means`` ``(B, n_labels)``; ``g`` draws everything else (within-label noise, blur, bias, gamma, noise)."""
     import neurite.nn.functional as nef
 
     device = labels.device
     b = labels.shape[0]
     n = cfg.shape
-    drawn = torch.rand(b, cfg.n_labels, generator=g)
-    means = (drawn if means is None else means).to(device)
+    means = means.to(device)
     stds = torch.rand(b, cfg.n_labels, generator=g).to(device) * cfg.intensity_std_max
     lab = labels[:, 0].long()
     flat = lab.reshape(b, -1)
@@ -160,17 +155,17 @@ def generate_pair(seed: int, cfg: GeneratorConfig | None = None, batch: int = 1,
             mask = _random_mask(g, n, "cpu").to(device)
         same = float(torch.rand((), generator=g)) < cfg.same_contrast_prob
         contrast_seeds = torch.randint(0, 2 ** 62, (2,), generator=g).tolist()
-        related = float(torch.rand((), generator=g)) < cfg.related_prob
-        linked = None
-        if related and not same:   # moving intensities: a random monotone (maybe inverted) map of the fixed's
-            fixed_means = torch.rand(batch, cfg.n_labels, generator=torch.Generator().manual_seed(contrast_seeds[0]))
-            linked = fixed_means ** math.exp(0.5 * float(torch.randn((), generator=g)))
-            if float(torch.rand((), generator=g)) < 0.5:
-                linked = 1 - linked
-            linked = (linked + 0.1 * torch.randn(linked.shape, generator=g)).clamp(0, 1)
+        related = float(torch.rand((), generator=g)) < cfg.related_prob and not same
+        means = {}
         for name, cs in zip(("fixed", "moving"), contrast_seeds):
             gc = torch.Generator(device="cpu").manual_seed(contrast_seeds[0] if same else cs)
-            img = _synth_image(gc, out[f"{name}_labels"].cpu(), cfg, linked if name == "moving" else None).to(device)
+            means[name] = torch.rand(batch, cfg.n_labels, generator=gc)   # label intensities, uniform in [0, 1]
+            if name == "moving" and related:   # instead: a random monotone (maybe inverted) map of the fixed's
+                linked = means["fixed"] ** math.exp(0.5 * float(torch.randn((), generator=g)))
+                if float(torch.rand((), generator=g)) < 0.5:
+                    linked = 1 - linked
+                means[name] = (linked + 0.1 * torch.randn(linked.shape, generator=g)).clamp(0, 1)
+            img = _synth_image(gc, out[f"{name}_labels"].cpu(), cfg, means[name]).to(device)
             out[name] = img * mask if mask is not None else img
     return out
 
@@ -214,8 +209,6 @@ def hard_dice(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, disp: tor
     return float(sum(scores) / max(len(scores), 1))
 
 
-
-
 def boundary_mask(labels: torch.Tensor, width: int = 1) -> torch.Tensor:
     """``(B,1,*)`` bool: voxels within ``width`` voxels (26-neighbourhood) of a different label.
 
@@ -239,3 +232,22 @@ def pair_metrics(pair: dict[str, torch.Tensor], disp: torch.Tensor | None, n_lab
     edge = boundary_mask(pair["fixed_labels"])
     return {"dice": hard_dice(pair["fixed_labels"], pair["moving_labels"], disp, n_labels),
             "epe": float(norm.mean()), "bepe": float(norm[edge].mean())}
+
+
+@torch.no_grad()
+def held_out_metrics(net: torch.nn.Module, cfg: GeneratorConfig, seeds: range,
+                     device: str | torch.device = "cpu") -> dict[str, float]:
+    """Mean :func:`pair_metrics` over the pairs of ``seeds``: identity (``*_before``) and ``net`` (``*_after``).
+
+    ``net`` is put in eval mode for the call and returned to its previous mode.
+    """
+    was_training = net.training
+    net.eval()
+    rows = []
+    for seed in seeds:
+        p = generate_pair(seed, cfg, 1, device)
+        disp = net(p["moving"], p["fixed"]).float()
+        before, after = pair_metrics(p, None, cfg.n_labels), pair_metrics(p, disp, cfg.n_labels)
+        rows.append({**{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()}})
+    net.train(was_training)
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}

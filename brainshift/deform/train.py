@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 
 from ..training import CsvLog, Dist, progress, rng_state, save_atomic, set_rng_state
 from .network import NetConfig, build_network
-from .synthetic import (VAL_SEED_BASE, GeneratorConfig, generate_pair, grad_penalty, onehot, pair_metrics,
+from .synthetic import (VAL_SEED_BASE, GeneratorConfig, generate_pair, grad_penalty, held_out_metrics, onehot,
                         soft_dice_loss, warp)
 
 LOG_HEADER = ["iteration", "loss", "dice_loss", "grad", "sup", "wall_s", "val_dice_before", "val_dice_after",
@@ -124,22 +123,12 @@ def pair_loss(net: torch.nn.Module, pair: dict[str, torch.Tensor], cfg: TrainCon
     return loss, dice_l, reg, sup
 
 
-@torch.no_grad()
 def validate(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
     """Mean Dice, EPE and boundary EPE on ``cfg.val_pairs`` held-out pairs, identity (before) and network (after).
 
     The held-out pairs use seeds ``VAL_SEED_BASE + i`` and the final generator (no curriculum).
     """
-    was_training = model.training
-    model.eval()
-    rows = []
-    for i in range(cfg.val_pairs):
-        p = generate_pair(VAL_SEED_BASE + i, cfg.generator, 1, device)
-        disp = model(p["moving"], p["fixed"]).float()
-        before, after = pair_metrics(p, None, cfg.generator.n_labels), pair_metrics(p, disp, cfg.generator.n_labels)
-        rows.append({**{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()}})
-    model.train(was_training)
-    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    return held_out_metrics(model, cfg.generator, range(VAL_SEED_BASE, VAL_SEED_BASE + cfg.val_pairs), device)
 
 
 def _cfg_dict(cfg: TrainConfig) -> dict:
@@ -312,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
     """Run a training from parsed options; prints the card's validation numbers."""
     card = train(config_from_args(args), progress_bar=not args.quiet)
     v = card["validation"]
-    if v.get("dice_before") is not None and int(os.environ.get("RANK", "0")) == 0:
+    if v.get("dice_before") is not None:   # only rank 0 validates
         print(f"wrote {Path(args.out) / card['model']}: Dice {v['dice_before']:.3f} -> {v['dice_after']:.3f}, "
               f"boundary EPE {v['bepe_before']:.2f} -> {v['bepe_after']:.2f} voxels on {v['pairs']} held-out "
               f"synthetic pairs, {card['iterations']} iterations, {card['wall_time_s']:.0f} s")
