@@ -90,7 +90,7 @@ def _brainshift(fixed: Volume, moving: Volume, stages: tuple[str, ...], modality
         from .style import synthesize_t1, t2_to_t1_like
 
         t = time.perf_counter()
-        candidates = {"synthetic_t1": fixed.like(synthesize_t1(fixed.data)), "ius": fixed}
+        candidates = {"synthetic_t1": fixed.like(synthesize_t1(fixed.data, spacing=fixed.spacing)), "ius": fixed}
         if modality == "t2":
             moving_reg = moving.like(t2_to_t1_like(moving.data))
         record["stages"]["style"] = {"seconds": time.perf_counter() - t, "t2_remapped": modality == "t2"}

@@ -143,3 +143,78 @@ def test_shipped_model_loads_and_runs():
     us, _ = _fan((40, 40, 40), seed=7)
     out = synthesize_t1(us, model, device="cpu")
     assert out.shape == us.shape and np.all(out[us == 0] == 0) and 0 <= out.min() and out.max() <= 1
+
+
+def _seam_ratio(out: np.ndarray, borders: list[int]) -> float:
+    """Mean |step| along axis 0 across window borders over the mean |step| elsewhere (inside windows),
+    4 voxels away from the volume's own faces."""
+    step = np.abs(np.diff(out, axis=0))[:, 4:-4, 4:-4]
+    at = [b - 1 for b in borders]
+    inside = [i for i in range(4, step.shape[0] - 4) if i not in at]
+    return float(step[at].mean() / step[inside].mean())
+
+
+def test_no_seams_gradient_across_patch_borders_no_larger_than_inside():
+    from monai.inferers import sliding_window_inference
+
+    net = nn.Conv3d(1, 1, 7, padding=3, bias=False).eval()    # a blur: zero padding darkens a window's border
+    nn.init.constant_(net.weight, 1 / 7 ** 3)
+    rng = np.random.default_rng(0)
+    us = (gaussian_filter(rng.random((40, 40, 40)), 3) * 400 + 20).astype(np.float32)   # smooth, all inside the FOV
+    with torch.no_grad():                                      # hard tiling (no overlap, no blending) has seams:
+        x = torch.from_numpy(normalise(us))[None, None]
+        hard = sliding_window_inference(x, 16, 1, net, overlap=0.0, mode="constant")[0, 0].numpy()
+    assert _seam_ratio(hard, [16, 32]) > 1.5                   # ... so the measure can see one
+    out = synthesize_t1(us, StyleModel(net, 16), device="cpu")
+    assert _seam_ratio(out, [8, 16, 24, 32]) <= 1.1            # Gaussian-blended windows (starts 0, 8, 16, 24)
+
+
+def test_inference_at_the_working_spacing_returns_the_input_grid():
+    us, _ = _fan((40, 36, 30), seed=4)
+    model = StyleModel(_Constant(0.3), patch=8, meta={"spacing_mm": 1.0})
+    out = synthesize_t1(us, model, device="cpu", spacing=0.5)   # 0.5 mm iUS -> 1 mm network grid -> back
+    assert model.net.seen > 0 and out.shape == us.shape
+    assert np.all(out[us == 0] == 0.0)
+    assert np.allclose(out[us > 0], 0.65, atol=1e-4)           # the FOV border is not darkened on the way back
+    seen = model.net.seen
+    synthesize_t1(us, model, device="cpu", spacing=2.0)        # coarser than the model: runs at its own grid
+    assert model.net.seen > seen
+
+
+def test_to_spacing_halves_grid_and_keeps_fov_border_level():
+    from brainshift.style.real import to_spacing
+
+    us, _ = _fan((40, 40, 40), seed=6)
+    flat = np.where(us > 0, 100.0, 0.0).astype(np.float32)
+    img, fov = to_spacing(flat, np.array([0.5, 0.5, 0.5]), 1.0)
+    assert img.shape == (20, 20, 20) and fov.dtype == bool
+    assert np.allclose(img[fov], 100.0, atol=1e-3) and np.all(img[~fov] == 0)
+    assert abs(fov.mean() - (us > 0).mean()) < 0.05           # same share of the box
+
+
+def test_t1_crops_follow_real_fov_shapes_inside_the_brain_and_sampler_keeps_domains_apart():
+    from brainshift.style.data import PatchSampler
+    from brainshift.style.real import t1_crops
+
+    grid = np.indices((90, 90, 90)).astype(np.float32)
+    brain = np.sqrt(((grid - 44.5) ** 2).sum(0)) < 42          # a 84 mm ball at 1 mm
+    t1 = np.where(brain, 500.0 + 100 * np.sin(grid[0] / 3), 0).astype(np.float32)
+    us, _ = _fan((30, 26, 24), seed=0)
+    fov = us > 0
+    rng = np.random.default_rng(0)
+    crops = t1_crops(t1, brain, [fov], 5, rng)
+    assert len(crops) == 5
+    for c in crops:
+        assert c.us is None and sorted(c.fov.shape) == sorted(fov.shape)   # the FOV's box, axes permuted
+        assert MIN_INSIDE <= c.fov.sum() / fov.sum() <= 1.0               # mostly inside the brain
+        assert np.all(c.t1[~c.fov] == -1) and c.t1[c.fov].max() <= 1
+    ius = make_case("us", us, None)
+    sampler = PatchSampler([ius, *crops], patch=8, seed=1)
+    assert len(sampler.domains["us"]) == 1 and len(sampler.domains["t1"]) == 5
+    a, ma, b, mb = sampler.sample(2)
+    assert a.shape == b.shape == (2, 1, 8, 8, 8) and np.all(a[ma == 0] == -1) and np.all(b[mb == 0] == -1)
+    with pytest.raises(ValueError, match="t1 domain"):
+        PatchSampler([ius], patch=8)
+
+
+MIN_INSIDE = 0.85

@@ -1,5 +1,8 @@
 """Style transfer iUS -> synthetic T1 (3D CycleGAN) and T2 -> T1-like remapping.
 
+Modules: networks, losses, data (normalisation, patch sampling), real (real-image training volumes), train,
+infer (sliding-window inference at the working spacing), t2, evaluate.
+
 Public API: :func:`synthesize_t1`, :func:`load_style_model`, :func:`train_style` with
 :class:`StyleTrainConfig`, :func:`t2_to_t1_like`.
 """

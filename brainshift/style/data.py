@@ -1,7 +1,7 @@
 """Intensity normalisation and unpaired random patch sampling for the style-transfer CycleGAN.
 
-Normalised units: each volume is divided by its 99.5th percentile (iUS: over its field of view,
-``us > 0``; T1: over its non-zero voxels), clipped to ``[0, 1]`` and mapped to ``[-1, 1]``. Voxels
+Normalised units: each volume is divided by its 99.5th percentile over the iUS field of view
+(``us > 0``; a T1 over the field of view it is cut to), clipped to ``[0, 1]`` and mapped to ``[-1, 1]``. Voxels
 outside the iUS field of view are set to ``-1`` in both domains, so that real T1 patches and
 synthetic ones share the same support (the discriminator cannot tell them apart by the cone).
 """
@@ -33,25 +33,34 @@ def normalise(vol: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
 
 @dataclass
 class StyleCase:
-    """One training volume pair in normalised units; ``fov`` is the iUS field of view (us > 0)."""
+    """One training volume in normalised units: an iUS (``us``), a T1 (``t1``) or both on one grid
+    (a simulated pair); ``fov`` is the iUS field of view that both domains are cut to."""
 
     name: str
-    us: np.ndarray
-    t1: np.ndarray
+    us: np.ndarray | None
+    t1: np.ndarray | None
     fov: np.ndarray
     fov_index: np.ndarray  # (N, 3) voxel indices inside the field of view, for centre sampling
 
 
-def make_case(name: str, us: np.ndarray, t1: np.ndarray) -> StyleCase:
-    """Normalise an iUS volume and the T1 of the same case (only the T1's own grid is used)."""
-    fov = np.asarray(us) > 0
-    us_n = normalise(us, fov)
-    t1_n = normalise(t1)
-    # sample centres from a thinned set of FOV voxels (memory: 256^3 volumes have ~10^7 of them)
+def _centres(fov: np.ndarray) -> np.ndarray:
+    """A thinned set of FOV voxel indices (memory: 256^3 volumes have ~10^7 of them)."""
     idx = np.argwhere(fov)
     if len(idx) > 200_000:
         idx = idx[:: len(idx) // 200_000]
-    return StyleCase(name, us_n, t1_n, fov, idx.astype(np.int32))
+    return idx.astype(np.int32)
+
+
+def make_case(name: str, us: np.ndarray | None, t1: np.ndarray | None, fov: np.ndarray | None = None) -> StyleCase:
+    """Normalise an iUS and/or a T1 on one grid, each by its 99.5th percentile inside ``fov``
+    (default ``us > 0``): the normalisation inference applies to an iUS."""
+    if fov is None:
+        if us is None:
+            raise ValueError("a T1-only case needs its field of view")
+        fov = np.asarray(us) > 0
+    fov = np.asarray(fov, dtype=bool)
+    return StyleCase(name, None if us is None else normalise(us, fov), None if t1 is None else normalise(t1, fov),
+                     fov, _centres(fov))
 
 
 def load_cases(data_dir: str | Path) -> list[StyleCase]:
@@ -87,15 +96,21 @@ def crop(vol: np.ndarray, centre: np.ndarray, patch: int, fill: float) -> np.nda
 
 class PatchSampler:
     """Unpaired patches: the iUS patch and the T1 patch of one sample come from independently
-    drawn cases and centres (each centre inside that case's iUS field of view); both are set to
-    -1 outside the field of view at their own location. Random flips along each axis."""
+    drawn volumes and centres (each centre inside that volume's iUS field of view); both are set
+    to -1 outside the field of view at their own location. Random flips along each axis.
+    iUS patches come from the cases that have an iUS, T1 patches from those that have a T1."""
 
     def __init__(self, cases: list[StyleCase], patch: int, seed: int = 0):
-        self.cases, self.patch = cases, patch
+        self.patch = patch
+        self.domains = {"us": [c for c in cases if c.us is not None], "t1": [c for c in cases if c.t1 is not None]}
+        for name, found in self.domains.items():
+            if not found:
+                raise ValueError(f"no training volume of the {name} domain")
         self.rng = np.random.default_rng(seed)
 
     def _one(self, domain: str) -> tuple[np.ndarray, np.ndarray]:
-        case = self.cases[self.rng.integers(len(self.cases))]
+        cases = self.domains[domain]
+        case = cases[self.rng.integers(len(cases))]
         centre = case.fov_index[self.rng.integers(len(case.fov_index))]
         fov = crop(case.fov.astype(np.float32), centre, self.patch, 0.0)
         img = crop(case.us if domain == "us" else case.t1, centre, self.patch, -1.0)

@@ -29,7 +29,7 @@ def evaluate_case(case, model: StyleModel, device: str | None = None) -> dict[st
     fov = case.us > 0
     aligned = warp(case.t1, case.truth)
     t0 = time.perf_counter()
-    synth = synthesize_t1(case.us, model, device)
+    synth = synthesize_t1(case.us, model, device, spacing=getattr(case, "spacing", None))
     seconds = time.perf_counter() - t0
     head = case.t2 > 0
     return {"ncc_synth_t1": ncc(synth, aligned, fov), "ncc_us_t1": ncc(case.us, aligned, fov),
@@ -53,8 +53,9 @@ def evaluate_dataset(cases_dir: str, threads: int | None = None, progress: bool 
     Per case: NCC and SSC-MSE inside the iUS field of view of (synthetic T1 | raw iUS) against the
     T1 pulled onto the iUS grid with the TRUE field ``truth/<field>`` (lower SSC-MSE / higher NCC =
     closer to the T1's appearance); the affine stage's TRE with fixed = raw iUS, with fixed =
-    synthetic T1, and the pipeline's pick between the two (lower SSC-MSE of the resampled MR against
-    the raw iUS); style inference and affine times (s). ``affine=False``: appearance numbers only
+    synthetic T1, the pick between the two by the lower SSC-MSE of the resampled MR against the raw
+    iUS, and what the pipeline's affine stage picks when offered both (``pipeline_pick``) with its
+    TRE; style inference and affine times (s). ``affine=False``: appearance numbers only
     (``brainshift bench`` records the affine candidates' TRE of the full pipeline).
     """
     from tqdm import tqdm
@@ -72,7 +73,7 @@ def evaluate_dataset(cases_dir: str, threads: int | None = None, progress: bool 
         fov = fixed.data > 0
         aligned = warp(moving.data, fields.read_field(case.fixed.parent.parent / "truth" / case.output_name))
         t0 = time.perf_counter()
-        synth = synthesize_t1(fixed.data, model)
+        synth = synthesize_t1(fixed.data, model, spacing=fixed.spacing)
         style_s = time.perf_counter() - t0
         row = {"ncc_synth_t1": ncc(synth, aligned, fov), "ncc_us_t1": ncc(fixed.data, aligned, fov),
                "ssc_synth_t1": ssc_mse(synth, aligned, fov), "ssc_us_t1": ssc_mse(fixed.data, aligned, fov),
@@ -89,24 +90,146 @@ def evaluate_dataset(cases_dir: str, threads: int | None = None, progress: bool 
                                                                             fixed.shape))["tre_mean"]
             vs_ius[name] = ssc_mse(fixed.data, resample(moving, res.matrix, fixed.affine, fixed.shape), fov)
         pick = min(vs_ius, key=vs_ius.get)
+        t0 = time.perf_counter()   # what the pipeline does: one affine stage offered both fixed images
+        res = affine_stage(fixed, moving, fov, extra_fixed={"synthetic_t1": fixed.like(synth)}, threads=threads)
+        row.update({"affine_s_both": time.perf_counter() - t0, "pipeline_pick": res.fixed_image,
+                    "tre_affine_pipeline": tre_of(case, fields.matrix_to_field(res.matrix, fixed.affine, moving.affine,
+                                                                                 fixed.shape))["tre_mean"]})
         row.update({"picked": pick, "tre_affine_picked": row[f"tre_affine_{pick}"],
                     "tre_identity": tre_of(case, fields.identity_field(fixed.shape))["tre_mean"]})
     return out
+
+
+def evaluate_real(ius_folder: str, t1_file: str, hold_out: list[str], out_dir: str,
+                  model_path: str | None = None, figure: str | None = None, crops: int = 6,
+                  seed: int = 123) -> dict:
+    """Issue-17 material on REAL images (no aligned T1 exists for these iUS volumes).
+
+    Writes to ``out_dir``: ``synth/`` the synthetic T1 of each held-out real iUS (its own grid, 0
+    outside the field of view), ``t1_crops/`` ``crops`` crops of the real T1 (1 mm) cut to the
+    held-out iUS fields of view and zero outside FOV and brain (``seed`` differs from training's,
+    so the places differ; the T1 itself was in the training set, being the only real one). Returns
+    file lists for ``us_realism.py`` and the inference times; ``figure``: a PNG of each held-out
+    iUS and its synthetic T1, three orthogonal slices through the FOV centre.
+    """
+    from pathlib import Path
+
+    from ..io import Volume, load_volume, save_volume
+    from .real import brain_mask, ius_files, load_ius, t1_crops, to_spacing
+
+    out = Path(out_dir)
+    (out / "synth").mkdir(parents=True, exist_ok=True)
+    (out / "t1_crops").mkdir(parents=True, exist_ok=True)
+    model = load_style_model(model_path, device="cpu")
+    _, held = ius_files(ius_folder, hold_out)
+    rows, shown = {}, []
+    for path in held:
+        vol = load_volume(path)
+        t0 = time.perf_counter()
+        synth = synthesize_t1(vol.data, model, "cpu", spacing=vol.spacing)
+        seconds = time.perf_counter() - t0
+        fov = vol.data > 0
+        synth = np.where(fov, np.maximum(synth, 1e-3), 0.0)       # > 0 inside: us_realism reads 0 as outside
+        name = path.name.replace("_US_", "_synthT1_")
+        save_volume(out / "synth" / name, vol.like(synth))
+        rows[path.name] = {"inference_s": round(seconds, 2), "shape": list(vol.shape)}
+        shown.append((path.name, vol.data, synth))
+    t1 = load_volume(t1_file)
+    brain = brain_mask(t1, out / "t1_brain_mask.nii.gz")
+    img, _ = to_spacing(t1.data, t1.spacing, 1.0, fov=np.ones(t1.shape, bool))
+    brain_w = to_spacing(brain.astype(np.float32), t1.spacing, 1.0, fov=np.ones(t1.shape, bool))[0] > 0.5
+    from scipy import ndimage as ndi
+
+    brain_w = ndi.binary_erosion(brain_w, iterations=3)
+    fovs = [load_ius(p, 1.0)[1] for p in held]
+    t1_files = []
+    for i, c in enumerate(t1_crops(img, brain_w, fovs, crops, np.random.default_rng(seed))):
+        vals = np.where(c.fov, np.maximum((c.t1 + 1) / 2, 1e-3), 0.0).astype(np.float32)
+        t1_files.append(str(save_volume(out / "t1_crops" / f"t1_crop{i}.nii.gz", Volume(vals, np.eye(4)))))  # 1 mm
+    if figure:
+        _figure(shown, figure)
+    return {"held_out": [p.name for p in held], "synth": sorted(str(p) for p in (out / "synth").iterdir()),
+            "t1_crops": t1_files, "ius": [str(p) for p in held], "cases": rows}
+
+
+def evaluate_real_t2(t1_file: str, t2_file: str, threads: int | None = None) -> dict[str, dict[str, float]]:
+    """T2 -> T1-like remaps on a real patient: local NCC (9^3 windows, mean) and global NCC of each
+    remap of the T2 against the same patient's ceT1, inside the ceT1's brain mask (registered MNI
+    mask, eroded 3 mm). The T2 is put on the ceT1 grid by a rigid reg_aladin (same session: the
+    headers already agree within a few mm). Rows: the raw T2, the linear inversion (default), and
+    the histogram inversion onto the MNI template's T1 quantiles."""
+    import torch
+    from scipy import ndimage as ndi
+
+    from ..affine import resample
+    from ..io import load_volume
+    from ..niftyreg import AladinOptions, reg_aladin
+    from .losses import local_ncc
+    from .real import brain_mask, mni_t1
+    from .t2 import quantiles
+
+    t1, t2 = load_volume(t1_file), load_volume(t2_file)
+    brain = ndi.binary_erosion(brain_mask(t1, threads=threads), iterations=3)
+    matrix = reg_aladin(t1, t2, AladinOptions(rigid_only=True, threads=threads), fixed_mask=brain)
+    t2_on_t1 = resample(t2, matrix, t1.affine, t1.shape)
+    mni, mni_brain = mni_t1()
+    target = t1.data.astype(np.float32)
+    rows = {}
+    for name, img in (("raw_t2", t2_on_t1), ("linear_inversion", t2_to_t1_like(t2_on_t1)),
+                      ("histogram_inversion_mni", t2_to_t1_like(t2_on_t1, reference=quantiles(mni.data, mni_brain)))):
+        r = local_ncc(torch.from_numpy(np.asarray(img, np.float32))[None, None], torch.from_numpy(target)[None, None], 9)
+        rows[name] = {"lncc9": float(r[0, 0].numpy()[brain].mean()), "ncc": ncc(img, target, brain)}
+    return rows
+
+
+def _figure(shown: list, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(shown), 6, figsize=(15, 2.7 * len(shown)))
+    axes = np.atleast_2d(axes)
+    for row, (name, us, synth) in zip(axes, shown):
+        c = np.round(np.argwhere(us > 0).mean(0)).astype(int)
+        vmax = np.percentile(us[us > 0], 99.5)
+        for a in range(3):
+            for j, (img, lo, hi, label) in enumerate(((us, 0, vmax, "real iUS"), (synth, 0, 1, "synthetic T1"))):
+                ax = row[2 * a + j]
+                ax.imshow(np.take(img, c[a], axis=a).T, cmap="gray", origin="lower", vmin=lo, vmax=hi)
+                ax.set_title(f"{name.split('_US')[0]} {label}, axis {a}", fontsize=7)
+                ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
     import argparse
     import json
 
-    ap = argparse.ArgumentParser(description="Style-transfer acceptance numbers (issue 6) on a simulated dataset.")
-    ap.add_argument("--cases", required=True, help="brainshift simulate output folder (needs truth/)")
+    ap = argparse.ArgumentParser(description="Style-transfer acceptance numbers: on a simulated dataset (--cases) "
+                                 "or on held-out real iUS (--real-ius, --real-t1, --out).")
+    ap.add_argument("--cases", help="brainshift simulate output folder (needs truth/)")
     ap.add_argument("--json", default=None, help="also write the numbers here")
     ap.add_argument("--no-affine", action="store_true", help="appearance numbers only (no affine runs)")
+    ap.add_argument("--real-ius", help="folder of real iUS volumes; the --hold-out ones are evaluated")
+    ap.add_argument("--real-t1", help="a real whole-head T1 to cut reference crops from")
+    ap.add_argument("--hold-out", default="4,16,27")
+    ap.add_argument("--out", help="with --real-ius: folder for synthetic T1s and T1 crops")
+    ap.add_argument("--figure", help="with --real-ius: PNG of the held-out iUS and their synthetic T1s")
+    ap.add_argument("--model", default=None, help="generator weights (default: the shipped model)")
+    ap.add_argument("--real-t2", help="with --real-t1 alone: score the T2 -> T1-like remaps on this patient")
     a = ap.parse_args()
-    res = evaluate_dataset(a.cases, affine=not a.no_affine)
-    keys = list(next(iter(res.values())))
-    mean = {k: float(np.mean([r[k] for r in res.values()])) for k in keys if k != "picked"}
-    text = json.dumps({"cases": res, "mean": mean}, indent=2)
+    if a.real_t2:
+        result = evaluate_real_t2(a.real_t1, a.real_t2)
+    elif a.real_ius:
+        result = evaluate_real(a.real_ius, a.real_t1, a.hold_out.split(","), a.out, a.model, a.figure)
+    else:
+        res = evaluate_dataset(a.cases, affine=not a.no_affine)
+        keys = list(next(iter(res.values())))
+        result = {"cases": res, "mean": {k: float(np.mean([r[k] for r in res.values()])) for k in keys
+                                         if k not in ("picked", "pipeline_pick")}}
+    text = json.dumps(result, indent=2)
     print(text)
     if a.json:
         from pathlib import Path

@@ -1,10 +1,13 @@
 """Whole-volume iUS -> synthetic T1 inference with a trained generator.
 
-Overlapping cubic patches (the training patch size, 50 % overlap by default) cover the bounding
-box of the iUS field of view; their outputs are blended with Gaussian weights (sigma = patch / 8,
-as nnU-Net), so there are no seams. The output lies on the iUS grid (same shape), in normalised
-T1 units ``[0, 1]`` (1 = the 99.5th percentile of a T1 brain), and is exactly 0 outside the
-field of view (``us == 0``).
+The iUS is first brought to the generator's working spacing (``meta['spacing_mm']``, 1 mm for
+the real-data model) when it is finer (anti-aliased, averaged over the field of view only), and
+the output is interpolated back to the iUS grid. On the working grid, MONAI's
+``sliding_window_inference`` covers the bounding box of the field of view with overlapping
+training-size patches (50 % overlap) blended with Gaussian weights (sigma = patch / 8, as
+nnU-Net), so there are no seams. The output lies on the iUS grid (same shape, voxel for voxel),
+in normalised T1 units ``[0, 1]`` (1 = the T1's 99.5th percentile over the field of view), and is
+exactly 0 outside the field of view (``us == 0``).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 from torch import nn
 
 from .. import model_dir
@@ -27,6 +31,12 @@ class StyleModel(nn.Module):
     def __init__(self, net: nn.Module, patch: int, meta: dict | None = None):
         super().__init__()
         self.net, self.patch, self.meta = net, int(patch), dict(meta or {})
+
+    @property
+    def spacing(self) -> float | None:
+        """Working spacing in mm (None: whatever the input's, as models trained on simulated grids)."""
+        value = self.meta.get("spacing_mm")
+        return float(value) if value else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -68,28 +78,34 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def gaussian_weights(patch: int, sigma_frac: float = 1 / 8) -> np.ndarray:
-    """Cubic blending weights, max 1 at the centre, floored at 1e-3 (never 0)."""
-    x = np.arange(patch) - (patch - 1) / 2
-    g = np.exp(-0.5 * (x / (patch * sigma_frac)) ** 2)
-    w = g[:, None, None] * g[None, :, None] * g[None, None, :]
-    return np.maximum(w / w.max(), 1e-3).astype(np.float32)
-
-
-def _starts(lo: int, hi: int, patch: int, stride: int) -> list[int]:
-    """Window starts covering [lo, hi) (hi - lo >= patch), evenly spaced, step <= stride."""
-    n = int(np.ceil((hi - lo - patch) / stride)) + 1
-    return sorted({int(round(s)) for s in np.linspace(lo, hi - patch, n)})
+def _back_to_grid(work: np.ndarray, fov: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Linear interpolation of a working-grid image back onto the iUS grid (inverse of the
+    ``ndimage.zoom`` mapping used by :func:`brainshift.style.real.to_spacing`), averaging over the
+    working field of view only (so the border is not pulled toward what lies outside it)."""
+    def up(a: np.ndarray) -> np.ndarray:
+        z = ndi.zoom(a, np.array(shape) / np.array(a.shape), order=1)
+        out = np.zeros(shape, np.float32)
+        n = tuple(min(p, q) for p, q in zip(shape, z.shape))
+        out[: n[0], : n[1], : n[2]] = z[: n[0], : n[1], : n[2]]
+        return out
+    w = up(fov.astype(np.float32))
+    return np.where(w > 1e-3, up(np.where(fov, work, 0.0)) / np.maximum(w, 1e-3), 0.0).astype(np.float32)
 
 
 @torch.no_grad()
 def synthesize_t1(us: np.ndarray, model: StyleModel | None = None, device: str | torch.device | None = None,
-                  overlap: float = 0.5, batch: int = 2) -> np.ndarray:
+                  overlap: float = 0.5, batch: int = 2, spacing: float | np.ndarray | None = None) -> np.ndarray:
     """Synthetic T1 (float32, ``[0, 1]``, iUS grid, 0 where ``us == 0``) from an iUS volume ``[i, j, k]``.
 
     ``model`` defaults to :func:`load_style_model` (the shipped weights); ``device`` to CUDA when
     present, else CPU (the model is moved there). ``overlap`` is the window overlap fraction.
+    ``spacing``: the iUS voxel size in mm (scalar or per axis); without it the iUS is taken to be at
+    the model's working spacing already.
     """
+    from monai.inferers import sliding_window_inference
+
+    from .real import to_spacing
+
     us = np.asarray(us, dtype=np.float32)
     if us.ndim != 3:
         raise ValueError(f"expected a 3D iUS volume, got shape {us.shape}")
@@ -99,41 +115,24 @@ def synthesize_t1(us: np.ndarray, model: StyleModel | None = None, device: str |
         return out
     dev = _device(device)
     model = (model if model is not None else load_style_model()).to(dev).eval()
-    p = model.patch
-    stride = max(1, int(round(p * (1 - overlap))))
-
-    # pad to at least one patch per axis (normalised background is -1)
-    x = normalise(us, fov)
-    pad = [(0, max(0, p - n)) for n in x.shape]
-    x = np.pad(x, pad, constant_values=-1.0)
-    idx = np.argwhere(np.pad(fov, pad))
-    lo, hi = idx.min(0), idx.max(0) + 1
-    box_lo, box_hi = [], []
-    for a in range(3):  # grow the FOV bounding box to >= patch, inside the (padded) volume
-        size = max(hi[a] - lo[a], p)
-        start = min(max(0, (lo[a] + hi[a] - size) // 2), x.shape[a] - size)
-        box_lo.append(start)
-        box_hi.append(start + size)
-    corners = [(i, j, k) for i in _starts(box_lo[0], box_hi[0], p, stride)
-               for j in _starts(box_lo[1], box_hi[1], p, stride)
-               for k in _starts(box_lo[2], box_hi[2], p, stride)]
-    w = gaussian_weights(p)
-    acc = np.zeros(x.shape, dtype=np.float32)
-    wsum = np.zeros(x.shape, dtype=np.float32)
+    work, work_fov = us, fov
+    zooms = None if spacing is None else np.broadcast_to(np.asarray(spacing, float), (3,))
+    resample = zooms is not None and model.spacing is not None and bool((zooms < 0.9 * model.spacing).any())
+    if resample:   # only ever downsample: a coarser iUS runs at its own spacing
+        work, work_fov = to_spacing(us, zooms, model.spacing, fov)   # type: ignore[arg-type]
+    x = normalise(work, work_fov)
+    idx = np.argwhere(work_fov)
+    lo, hi = np.maximum(idx.min(0) - 2, 0), np.minimum(idx.max(0) + 3, work.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    t = torch.from_numpy(np.ascontiguousarray(x[box]))[None, None].to(dev)
     use_amp = dev.type == "cuda"
-    for b in range(0, len(corners), batch):
-        chunk = corners[b:b + batch]
-        xb = np.stack([x[i:i + p, j:j + p, k:k + p] for i, j, k in chunk])[:, None]
-        t = torch.from_numpy(xb).to(dev)
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-            y = model(t)
-        y = y.float().cpu().numpy()[:, 0]
-        for (i, j, k), yi in zip(chunk, y):
-            acc[i:i + p, j:j + p, k:k + p] += yi * w
-            wsum[i:i + p, j:j + p, k:k + p] += w
-    n = us.shape
-    acc, wsum = acc[:n[0], :n[1], :n[2]], wsum[:n[0], :n[1], :n[2]]
-    synth = (np.clip(acc / np.maximum(wsum, 1e-12), -1.0, 1.0) + 1.0) / 2.0
+    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+        y = sliding_window_inference(t, model.patch, batch, model, overlap=overlap, mode="gaussian",
+                                     sigma_scale=0.125, padding_mode="constant", cval=-1.0)
+    synth = np.zeros(work.shape, np.float32)
+    synth[box] = (np.clip(y.float().cpu().numpy()[0, 0], -1.0, 1.0) + 1.0) / 2.0
+    if resample:
+        synth = _back_to_grid(synth, work_fov, us.shape)
     out[fov] = synth[fov]
     return out
 
@@ -145,4 +144,4 @@ def stylize_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
 
     vol = load_volume(input_path)
     model = load_style_model(model_path, device)
-    return save_volume(output_path, vol.like(synthesize_t1(vol.data, model, device)))
+    return save_volume(output_path, vol.like(synthesize_t1(vol.data, model, device, spacing=vol.spacing)))

@@ -49,7 +49,13 @@ LOSS_KEYS = ("g_gan", "cycle", "identity", "corr", "g_total", "d_t1", "d_us")
 class StyleTrainConfig:
     """Options of ``brainshift train-style`` (lengths in voxels)."""
 
-    data: str = ""
+    data: str = ""                  # simulated pairs (ReMIND2Reg layout), or:
+    real_ius: str = ""              # a folder of real iUS volumes (iUS domain) ...
+    real_t1: tuple[str, ...] = ()   # ... and whole-head T1 files cut to iUS fields of view (T1 domain)
+    hold_out: tuple[str, ...] = ("4", "16", "27")   # real iUS case numbers kept out of training
+    t1_crops: int = 24              # FOV-shaped crops per real T1 file
+    mni_crops: int = 8              # FOV-shaped crops of the packaged MNI template
+    spacing: float = 1.0            # working spacing (mm) of the real volumes; stored in the model
     out: str = "model/style"
     epochs: int = 400               # paper: 400
     lr: float = 2e-4                # CycleGAN's default (the paper names AdamW, not the rate)
@@ -86,15 +92,17 @@ def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 
 def _validation_png(path: Path, case: StyleCase, synth: np.ndarray, title: str) -> None:
+    """Mid slice of the iUS, its synthetic T1 and (simulated pairs) the case's own T1."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     k = int(np.median(case.fov_index[:, 2]))
-    us = (case.us + 1) / 2 * case.fov
-    t1 = (case.t1 + 1) / 2
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
-    for ax, img, name in zip(axes, (us, synth, t1), ("iUS", "synthetic T1", "T1 (not aligned)")):
+    panels = [((case.us + 1) / 2 * case.fov, "iUS"), (synth, "synthetic T1")]
+    if case.t1 is not None:
+        panels.append(((case.t1 + 1) / 2, "T1 (not aligned)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.6))
+    for ax, (img, name) in zip(axes, panels):
         ax.imshow(img[:, :, k].T, cmap="gray", origin="lower", vmin=0, vmax=1)
         ax.set_title(name)
         ax.axis("off")
@@ -129,7 +137,12 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
     use_amp = cfg.amp and dev.type == "cuda"
     torch.manual_seed(cfg.seed)
 
-    if cases is None:
+    held_out: list[str] = []
+    if cases is None and cfg.real_ius:
+        from .real import real_cases
+        cases, held_out = real_cases(cfg.real_ius, list(cfg.real_t1), list(cfg.hold_out), cfg.t1_crops,
+                                     cfg.mni_crops, cfg.spacing, cfg.seed, cache_dir=out)
+    elif cases is None:
         cases = load_cases(cfg.data)
     g_ab = init_weights(UNet3D(cfg.base_width, cfg.depth)).to(dev)   # US -> T1
     g_ba = init_weights(UNet3D(cfg.base_width, cfg.depth)).to(dev)   # T1 -> US
@@ -158,7 +171,13 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
     log_path = out / "loss_log.csv"
     log = CsvLog(log_path, ["epoch", "step", "lr", "wall_s", *LOSS_KEYS, "val_ncc_synth_t1", "val_ncc_us_t1"],
                  restart=not (cfg.resume and log_path.is_file()), enabled=dist.main, keep_until=epoch)
-    val_case = cases[0]
+    if held_out:   # real data: look at a held-out iUS (there is no aligned T1 to score against)
+        from .data import make_case
+        from .real import load_ius
+        img, fov = load_ius(Path(cfg.real_ius) / held_out[0], cfg.spacing)
+        val_case = make_case(held_out[0], img, None, fov)
+    else:
+        val_case = next(c for c in cases if c.us is not None)
     t_start = time.time()
     last: dict[str, float] = {}
     val_ncc = (float("nan"), float("nan"))  # NCC inside the FOV vs the case's own (unaligned) T1
@@ -230,8 +249,9 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
             model = StyleModel(g_ab, cfg.patch)
             synth = synthesize_t1((val_case.us + 1) / 2 * val_case.fov, model, dev)
             g_ab.train()
-            t1 = (val_case.t1 + 1) / 2
-            val_ncc = (_ncc(synth, t1, val_case.fov), _ncc((val_case.us + 1) / 2, t1, val_case.fov))
+            if val_case.t1 is not None:
+                t1 = (val_case.t1 + 1) / 2
+                val_ncc = (_ncc(synth, t1, val_case.fov), _ncc((val_case.us + 1) / 2, t1, val_case.fov))
             _validation_png(out / f"val_epoch{epoch:04d}.png", val_case, synth,
                             f"case {val_case.name}, epoch {epoch}, step {step}")
         log.row([epoch, step, f"{cfg.lr * factor:.3g}", f"{wall:.1f}", *(f"{last[k]:.5f}" for k in LOSS_KEYS),
@@ -252,7 +272,8 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
                          "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                          "sampler_rng": sampler.rng.bit_generator.state, "rng": rng_state(),
                          "losses": last}, ckpt_path)
-            save_generator(out / "us2t1.pt", g_ab, cfg.patch, meta={k: card[k] for k in ("epoch", "step", "wall_s")})
+            save_generator(out / "us2t1.pt", g_ab, cfg.patch, meta={"spacing_mm": cfg.spacing, "held_out": held_out,
+                                                                       **{k: card[k] for k in ("epoch", "step", "wall_s")}})
             (out / "train_card.json").write_text(json.dumps(card, indent=2))
         if out_of_time:
             break
@@ -270,7 +291,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     """Options of ``train-style``; pass an existing (sub)parser to add them to it."""
     d = StyleTrainConfig()
     p = parser or argparse.ArgumentParser(prog="brainshift train-style", description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="ReMIND2Reg-layout folder (iUS _0000 + T1 _0001 per case)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="simulated pairs: a ReMIND2Reg-layout folder (iUS _0000 + T1 _0001 per case)")
+    src.add_argument("--real-ius", help="real data: a folder of real iUS volumes (e.g. ../shared/data/real_ius)")
+    p.add_argument("--real-t1", nargs="*", default=[], help="with --real-ius: whole-head T1 files cut to iUS "
+                   "fields of view for the T1 domain (e.g. ../shared/data/real_mr/ReMIND022_ceT1.nii.gz)")
+    p.add_argument("--hold-out", default=",".join(d.hold_out), help="real iUS case numbers kept out of training")
+    p.add_argument("--t1-crops", type=int, default=d.t1_crops, help="FOV-shaped crops per --real-t1 file")
+    p.add_argument("--mni-crops", type=int, default=d.mni_crops, help="FOV-shaped crops of the MNI template")
+    p.add_argument("--spacing", type=float, default=d.spacing, help="working spacing of real volumes (mm)")
     p.add_argument("--out", default=d.out, help="output folder (checkpoint, us2t1.pt, loss log, PNGs)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (paper: 400)")
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
@@ -295,7 +324,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def config_from_args(args: argparse.Namespace) -> StyleTrainConfig:
     return StyleTrainConfig(
-        data=args.data, out=args.out, epochs=args.epochs, lr=args.lr, patch=args.patch, batch=args.batch,
+        data=args.data or "", real_ius=args.real_ius or "", real_t1=tuple(args.real_t1),
+        hold_out=tuple(x for x in args.hold_out.split(",") if x), t1_crops=args.t1_crops, mni_crops=args.mni_crops,
+        spacing=args.spacing, out=args.out, epochs=args.epochs, lr=args.lr, patch=args.patch, batch=args.batch,
         base_width=args.base_width, depth=args.depth, patches_per_volume=args.patches_per_volume,
         lam_cyc=args.lam_cyc, lam_idt=args.lam_idt, lam_cor=args.lam_cor, val_every=args.val_every,
         max_steps=args.max_steps, time_limit_min=args.time_limit_min, device=args.device, amp=not args.no_amp,
