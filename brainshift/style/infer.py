@@ -12,6 +12,7 @@ exactly 0 outside the field of view (``us == 0``).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +127,9 @@ def synthesize_t1(us: np.ndarray, model: StyleModel | None = None, device: str |
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     t = torch.from_numpy(np.ascontiguousarray(x[box]))[None, None].to(dev)
     use_amp = dev.type == "cuda"
-    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp), warnings.catch_warnings():
+        # MONAI 1.5 indexes with lists internally (a PyTorch deprecation warning that is not the user's business)
+        warnings.filterwarnings("ignore", "Using a non-tuple sequence", UserWarning)
         y = sliding_window_inference(t, model.patch, batch, model, overlap=overlap, mode="gaussian",
                                      sigma_scale=0.125, padding_mode="constant", cval=-1.0)
     synth = np.zeros(work.shape, np.float32)
