@@ -1,6 +1,9 @@
 """Unpaired 3D CycleGAN training, iUS <-> T1 (the paper's style transfer).
 
-Domains: A = iUS (``_0000``), B = T1 (``_0001``) of every T1 case of a ReMIND2Reg-layout folder.
+Domains: A = iUS, B = T1. Either the iUS (``_0000``) and T1 (``_0001``) of every T1 case of a
+simulated ReMIND2Reg-layout folder (``--data``), or real images (``--real-ius``, ``--real-t1``): real
+iUS volumes and real/template T1 cut to iUS fields of view, at a 1 mm working grid
+(:mod:`brainshift.style.real`); the working spacing is stored in the model for inference.
 Training is unpaired: each iteration draws the iUS patch and the T1 patch from independently
 chosen cases and centres (:class:`brainshift.style.data.PatchSampler`); no loss ever compares an
 iUS patch with the T1 of the same place.
