@@ -57,6 +57,7 @@ def test_train_two_iterations_checkpoint_and_resume(tmp_path):
     after = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["g_us2t1"]
     assert any(not torch.equal(before[k], after[k]) for k in before)  # weights moved on from the resumed state
     model = load_style_model(tmp_path / "us2t1.pt", device="cpu")
+    assert model.spacing is None        # simulated/in-memory volumes: no working spacing is claimed
     us, _ = _fan((20, 18, 16), seed=5)
     synth = synthesize_t1(us, model, device="cpu")
     assert synth.shape == us.shape and np.isfinite(synth).all()

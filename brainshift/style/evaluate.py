@@ -115,16 +115,17 @@ def evaluate_real(ius_folder: str, t1_file: str, hold_out: list[str], out_dir: s
     from pathlib import Path
 
     from ..io import Volume, load_volume, save_volume
-    from .real import brain_mask, ius_files, load_ius, t1_crops, to_spacing
+    from .real import MASK_EROSION_MM, WORK_SPACING, brain_mask, ius_files, t1_at_spacing, t1_crops, to_spacing
 
     out = Path(out_dir)
     (out / "synth").mkdir(parents=True, exist_ok=True)
     (out / "t1_crops").mkdir(parents=True, exist_ok=True)
     model = load_style_model(model_path, device="cpu")
     _, held = ius_files(ius_folder, hold_out)
-    rows, shown = {}, []
+    rows, shown, fovs = {}, [], []
     for path in held:
         vol = load_volume(path)
+        fovs.append(to_spacing(vol.data, vol.spacing, WORK_SPACING)[1])
         t0 = time.perf_counter()
         synth = synthesize_t1(vol.data, model, "cpu", spacing=vol.spacing)
         seconds = time.perf_counter() - t0
@@ -135,17 +136,11 @@ def evaluate_real(ius_folder: str, t1_file: str, hold_out: list[str], out_dir: s
         rows[path.name] = {"inference_s": round(seconds, 2), "shape": list(vol.shape)}
         shown.append((path.name, vol.data, synth))
     t1 = load_volume(t1_file)
-    brain = brain_mask(t1, out / "t1_brain_mask.nii.gz")
-    img, _ = to_spacing(t1.data, t1.spacing, 1.0, fov=np.ones(t1.shape, bool))
-    brain_w = to_spacing(brain.astype(np.float32), t1.spacing, 1.0, fov=np.ones(t1.shape, bool))[0] > 0.5
-    from scipy import ndimage as ndi
-
-    brain_w = ndi.binary_erosion(brain_w, iterations=3)
-    fovs = [load_ius(p, 1.0)[1] for p in held]
+    img, brain_w = t1_at_spacing(t1, brain_mask(t1, out / "t1_brain_mask.nii.gz"), WORK_SPACING, MASK_EROSION_MM)
     t1_files = []
     for i, c in enumerate(t1_crops(img, brain_w, fovs, crops, np.random.default_rng(seed))):
         vals = np.where(c.fov, np.maximum((c.t1 + 1) / 2, 1e-3), 0.0).astype(np.float32)
-        t1_files.append(str(save_volume(out / "t1_crops" / f"t1_crop{i}.nii.gz", Volume(vals, np.eye(4)))))  # 1 mm
+        t1_files.append(str(save_volume(out / "t1_crops" / f"t1_crop{i}.nii.gz", Volume(vals, np.diag([WORK_SPACING] * 3 + [1.0])))))
     if figure:
         _figure(shown, figure)
     return {"held_out": [p.name for p in held], "synth": sorted(str(p) for p in (out / "synth").iterdir()),

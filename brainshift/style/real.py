@@ -114,6 +114,18 @@ def brain_mask(t1: Volume, cache: str | Path | None = None, threads: int | None 
     return mask
 
 
+def t1_at_spacing(t1: Volume, brain: np.ndarray, spacing: float = WORK_SPACING,
+                  erode_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """A T1 and its brain mask (bool, the T1's grid) at the working spacing, the mask eroded by
+    ``erode_mm`` (0: not eroded): what :func:`t1_crops` cuts from."""
+    everywhere = np.ones(t1.shape, bool)
+    img = to_spacing(t1.data, t1.spacing, spacing, fov=everywhere)[0]
+    brain_w = to_spacing(brain.astype(np.float32), t1.spacing, spacing, fov=everywhere)[0] > 0.5
+    if erode_mm > 0:
+        brain_w = ndi.binary_erosion(brain_w, iterations=max(1, round(erode_mm / spacing)))
+    return img, brain_w
+
+
 def _random_pose(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """``mask`` with its axes randomly permuted and flipped."""
     mask = np.transpose(mask, rng.permutation(3))
@@ -172,14 +184,9 @@ def real_cases(ius_folder: str | Path, t1_files: list[str], hold_out: list[str],
     for i, f in enumerate(t1_files):
         vol = load_volume(f)
         cache = None if cache_dir is None else Path(cache_dir) / f"brain_mask_{Path(f).name.split('.')[0]}.nii.gz"
-        brain = brain_mask(vol, cache)
-        img, inside = to_spacing(vol.data, vol.spacing, spacing, fov=np.ones(vol.shape, bool))
-        brain_w = to_spacing(brain.astype(np.float32), vol.spacing, spacing, fov=np.ones(vol.shape, bool))[0] > 0.5
-        brain_w = ndi.binary_erosion(brain_w, iterations=max(1, round(MASK_EROSION_MM / spacing)))
-        cases += t1_crops(img, brain_w & inside, fovs, crops_per_t1, rng, name=f"t1_{i}")
+        img, brain = t1_at_spacing(vol, brain_mask(vol, cache), spacing, MASK_EROSION_MM)
+        cases += t1_crops(img, brain, fovs, crops_per_t1, rng, name=f"t1_{i}")
     if mni_crops:
-        vol, brain = mni_t1()
-        img = to_spacing(vol.data, vol.spacing, spacing, fov=np.ones(vol.shape, bool))[0]
-        brain_w = to_spacing(brain.astype(np.float32), vol.spacing, spacing, fov=np.ones(vol.shape, bool))[0] > 0.5
-        cases += t1_crops(img, brain_w, fovs, mni_crops, rng, name="mni")
+        img, brain = t1_at_spacing(*mni_t1(), spacing)
+        cases += t1_crops(img, brain, fovs, mni_crops, rng, name="mni")
     return cases, [p.name for p in held]

@@ -41,6 +41,7 @@ import torch
 
 from ..training import CsvLog, Dist, progress as progress_bar, rng_state, save_atomic, set_rng_state
 from .data import PatchSampler, StyleCase, load_cases
+from .evaluate import ncc
 from .infer import StyleModel, save_generator, synthesize_t1
 from .losses import correlation_loss, lsgan_loss, masked_l1
 from .networks import PatchGAN3D, UNet3D, count_parameters, init_weights, max_depth
@@ -58,7 +59,7 @@ class StyleTrainConfig:
     hold_out: tuple[str, ...] = ("4", "16", "27")   # real iUS case numbers kept out of training
     t1_crops: int = 24              # FOV-shaped crops per real T1 file
     mni_crops: int = 8              # FOV-shaped crops of the packaged MNI template
-    spacing: float = 1.0            # working spacing (mm) of the real volumes; stored in the model
+    spacing: float = 1.0            # working spacing (mm) of the real volumes; stored in their model
     out: str = "model/style"
     epochs: int = 400               # paper: 400
     lr: float = 2e-4                # CycleGAN's default (the paper names AdamW, not the rate)
@@ -86,12 +87,6 @@ def _lr_factor(epoch: int, epochs: int) -> float:
     """Constant for the first half, then linear decay to 0 at the end (``epoch`` 0-based)."""
     half = epochs // 2
     return 1.0 if epoch < half else max(0.0, 1.0 - (epoch - half + 1) / (epochs - half + 1))
-
-
-def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    x, y = a[mask].astype(np.float64), b[mask].astype(np.float64)
-    x, y = x - x.mean(), y - y.mean()
-    return float((x * y).sum() / math.sqrt((x * x).sum() * (y * y).sum() + 1e-12))
 
 
 def _validation_png(path: Path, case: StyleCase, synth: np.ndarray, title: str) -> None:
@@ -254,7 +249,7 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
             g_ab.train()
             if val_case.t1 is not None:
                 t1 = (val_case.t1 + 1) / 2
-                val_ncc = (_ncc(synth, t1, val_case.fov), _ncc((val_case.us + 1) / 2, t1, val_case.fov))
+                val_ncc = (ncc(synth, t1, val_case.fov), ncc((val_case.us + 1) / 2, t1, val_case.fov))
             _validation_png(out / f"val_epoch{epoch:04d}.png", val_case, synth,
                             f"case {val_case.name}, epoch {epoch}, step {step}")
         log.row([epoch, step, f"{cfg.lr * factor:.3g}", f"{wall:.1f}", *(f"{last[k]:.5f}" for k in LOSS_KEYS),
@@ -275,7 +270,7 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
                          "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                          "sampler_rng": sampler.rng.bit_generator.state, "rng": rng_state(),
                          "losses": last}, ckpt_path)
-            save_generator(out / "us2t1.pt", g_ab, cfg.patch, meta={"spacing_mm": cfg.spacing, "held_out": held_out,
+            save_generator(out / "us2t1.pt", g_ab, cfg.patch, meta={"spacing_mm": cfg.spacing if cfg.real_ius else None, "held_out": held_out,
                                                                        **{k: card[k] for k in ("epoch", "step", "wall_s")}})
             (out / "train_card.json").write_text(json.dumps(card, indent=2))
         if out_of_time:
