@@ -26,7 +26,14 @@ cardiac ultrasound images"):
    the ray from the apex), attenuation left after time-gain compensation, a smooth random TGC ripple.
 5. Display and reconstruction. Power-law compression ``x**gamma`` (``x`` = envelope over its median in
    GM and WM) scaled to a median grey level, darkening toward the FOV's border, voxel-level jitter of
-   uneven strength, a noise floor; 0..255 rounded, exactly 0 outside the FOV and never 0 inside.
+   uneven strength, gain stripes across the sweep (each voxel from its nearest frame), a noise floor;
+   clipped to 0.5..255 and not rounded (the real volumes come resampled, with non-integer values),
+   exactly 0 outside the FOV and never 0 inside.
+
+The image is formed on the FOV's bounding box plus 4 mm, not on the whole cube (a fifth of it at 256^3).
+The PSF kernels are sampled in space (positive), not cut off in frequency: a sub-voxel Gaussian cut at
+Nyquist rings with a 2-voxel period, which the compression showed as a checkerboard in the cavity and
+around every bright point (seen up to session 10).
 
 Where the values come from. "Measured": on 6 calibration volumes, RESECT cases 3, 5, 8, 15, 18, 26 of
 ``../shared/data/real_ius`` (pre-resection, 0.5 mm), with ``python -m brainshift.ultrasound --real
@@ -47,8 +54,8 @@ backscatter WM / GM         1 / 0.55-0.85         literature: white matter more 
 backscatter fluid           1e-4 - 1e-3           anechoic CSF, saline, cavity fluid
 tumour (before resection,   1.6-3.0 x WM,         low-grade glioma hyperechoic (brighter than parenchyma in
   or remnant, p = 0.4)        +25 % texture         the RESECT volumes)
-texture (lognormal)         sigma 0.5-1.0,        fitted: per-patch autocorrelation at 2 mm (0.43 real) and
-                            wavelength 3-10 mm      the patch medians' spread
+texture (lognormal)         sigma 1.0-2.0,        fitted: per-patch std and cv (real medians 0.50 / 0.41);
+                            wavelength 3-10 mm      the display's gamma shrinks it to +-15-25 % of grey
 impedance WM/GM/CSF/tumour  1 / 0.985 / 0.88 /    relative (soft tissue ~1.6, water ~1.5 MRayl); GM/WM kept
                             1.04                    close: their boundary is barely visible in real iUS
 interface gain g            1000-2000 mm          fitted: share of voxels > 3 x median (0.18 % of patch voxels)
@@ -56,15 +63,20 @@ interface gain g            1000-2000 mm          fitted: share of voxels > 3 x 
 specular exponent p         2-4                   specular reflection falls with incidence angle
 interface unevenness        lognormal sigma       by eye: real sulcal echoes are broken, not continuous
                             0.5-0.9 over 2 mm
-point scatterers            0.05-0.2 / mm^3,      by eye: bright dots in the real parenchyma
-                            amplitude 10-25
+point scatterers            0.2-0.6 / mm^3,       by eye: bright dots in the real parenchyma; fitted: share of
+                            amplitude 20-60         voxels > 3 x median (0.18 % real)
+sulcus (thin CSF, width     line gain 300-800,    by eye: real iUS shows a sulcus as one thin bright line (pia,
+  below 3-5 mm)               0.3-0.6 mm wide,      arachnoid, vessels; the sulcus mostly collapsed), not as dark
+                              20-50 % seen at any   fluid between two walls; its medial surface, brighter where
+                              angle                 the beam meets it face-on; the rest of it echoes as cortex
 surface echo under probe    gain 1-2, 1-2 mm      by eye: bright band along the probe face in most volumes
 cavity rim (on the wall)    gain 2-5, 1-2.5 mm    by eye (no real post-resection volume here)
 blood / air pockets         2-6 balls, r 1-3 mm,  by eye; they and the rim cast shadows (beta 0.05-0.15 /mm)
                             amplitude 3-8
-PSF sigma axial / lateral   0.2-0.3 / 0.35-0.55   fitted: per-patch autocorrelation 0.79 / 0.63 at 0.5 / 1 mm
-  / elevational             / 0.4-0.6 mm            and Laplacian energy (real medians)
-compounding                 0.2-0.4 voxel         fitted, as the PSF
+PSF sigma axial / lateral   0.2-0.3 / 0.5-0.9     fitted: per-patch autocorrelation 0.79 / 0.63 at 0.5 / 1 mm
+  / elevational             / 0.25-0.45 mm          (real medians); lateral wider than axial: the streaks of real
+                                                    speckle; elevation narrow: frames decorrelate (wider: AUC up)
+compounding                 0-0.2 voxel           fitted, as the PSF
 coherent share q            0.5-1.0               by eye: specular echoes smoother than speckle
 residual attenuation        0.006-0.02 / mm       brain ~0.6 dB/cm/MHz, mostly cancelled by the TGC
 TGC ripple                  RMS 8-18 %            by eye: gain bands with depth in the real volumes
@@ -72,15 +84,17 @@ compression gamma           0.22-0.32             fitted: per-patch quantiles q1
 median grey level           22-45                 measured: FOV medians 25-44 (max ~120-200)
 border darkening            30-60 %, 4-10 mm      measured: median 0.55-0.84 x within 1 mm of the border,
                                                     1.0-1.5 x beyond 9 mm
-reconstruction jitter       6-16 %, strength      fitted: Laplacian energy and gradient CV of the patches
-                            lognormal (0.7, 5 mm)
+reconstruction jitter       6-14 %, strength      fitted: Laplacian energy of the patches (without it 0.2, real
+                            lognormal (0.5, 5 mm)   1.25); stronger unevenness (0.7-0.8) gave salt-and-pepper patches
+frame stripes               pitch 0.3-0.7 mm,     by eye: streaks across the sweep in the real volumes (Case 5,
+                            gain sigma 2-6 %        15); frame pitch of a hand-held sweep at ~20 frames/s
 noise floor                 1-3 grey levels       measured: 1st percentile 1.4-2.9
 ==========================  ====================  ============================================================
 
 How close this is, measured (leave-volumes-out AUC of ``us_realism.py``, 0.5 = indistinguishable):
-see ``docs/MEASUREMENTS.md``; the held-out real volumes are still told apart (AUC ~0.9), mainly by the
-autocorrelation shape and by the sulcal echoes, which here are thicker and more regular than in
-real iUS (the MNI template's sulci are wide and smooth).
+see ``docs/MEASUREMENTS.md``; the held-out real volumes are still told apart (session 11: AUC 0.96
+logreg / 0.93 forest, against 0.955 / 0.89 for the simulator before it), mainly by the patches' gradient
+CV: real patches mix flat regions with sharp echoes more than these do.
 """
 from __future__ import annotations
 
@@ -118,13 +132,21 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: f
 
 
 def _gaussian_transfer(shape: tuple[int, int, int], cov_vox: np.ndarray) -> torch.Tensor:
-    """Fourier transfer function of a Gaussian PSF with covariance ``cov_vox`` (voxel^2), unit DC."""
-    k = [torch.fft.fftfreq(n, dtype=torch.float32) for n in shape]
-    k0, k1, k2 = k[0][:, None, None], k[1][None, :, None], k[2][None, None, :]
-    c = torch.as_tensor(cov_vox, dtype=torch.float32)
-    q = (c[0, 0] * k0 * k0 + c[1, 1] * k1 * k1 + c[2, 2] * k2 * k2
-         + 2 * c[0, 1] * k0 * k1 + 2 * c[0, 2] * k0 * k2 + 2 * c[1, 2] * k1 * k2)
-    return torch.exp(-2 * np.pi ** 2 * q)
+    """Fourier transfer function (real, unit DC) of a Gaussian PSF with covariance ``cov_vox`` (voxel^2),
+    sampled in space on the periodic grid and normalised. Sampling the kernel in space, not its
+    transfer function in frequency, keeps the kernel positive: a PSF narrower than a voxel cut off at
+    the Nyquist frequency rings with a period of 2 voxels, which the display's compression turned into
+    a checkerboard around bright echoes and in anechoic fluid."""
+    ci = np.linalg.inv(np.asarray(cov_vox, np.float64))
+    r = int(np.ceil(4 * np.sqrt(np.max(np.diag(cov_vox))))) + 1
+    o = np.arange(-r, r + 1)
+    x = np.stack(np.meshgrid(o, o, o, indexing="ij"), -1).astype(np.float64)
+    k = np.exp(-0.5 * np.einsum("...i,ij,...j->...", x, ci, x))
+    k /= k.sum()
+    full = np.zeros(shape, np.float32)
+    idx = (np.argwhere(k > 1e-7) - r) % np.array(shape)
+    np.add.at(full, tuple(idx.T), k[k > 1e-7].astype(np.float32))
+    return torch.fft.fftn(torch.from_numpy(full)).real
 
 
 def _psf_blur(x: np.ndarray, transfer: torch.Tensor) -> np.ndarray:
@@ -168,7 +190,7 @@ def sweep_geometry(rng: np.random.Generator, affine: np.ndarray, probe: np.ndarr
     beam = [(ax * np.float32(ev_ax[i]) + la * np.float32(ev_la[i])) * inv_r for i in range(3)]
     P.update(apex_radius_mm=rc, sector_half_deg=float(np.rad2deg(half)), fan_depth_mm=depth_max, sweep_mm=sweep,
              sweep_fan_deg=float(np.rad2deg(fan_e)), fov_ml=float(fov.sum() * h ** 3 / 1000))
-    return {"fov": fov, "depth": depth, "beam": beam, "apex_v": apex_v[:3], "axis": axis, "lat": lat, "ele": ele,
+    return {"fov": fov, "depth": depth, "elevation": el, "beam": beam, "apex_v": apex_v[:3], "axis": axis, "lat": lat, "ele": ele,
             "rot": rot, "h": h}
 
 
@@ -191,13 +213,33 @@ def bmode(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: dict, 
           remnant_p: float = 0.4, resected: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The iUS (float32, integer-valued 0..255, 0 outside ``geo['fov']``) and its label map (uint8).
     ``resected``: the tumour (``d < 0``) is a cavity, with a remnant with probability ``remnant_p``;
-    otherwise the whole tumour is in place (pre-resection iUS)."""
+    otherwise the whole tumour is in place (pre-resection iUS). The image is formed on the FOV's
+    bounding box plus a margin (a fifth of the cube at 256^3), the labels on the whole grid."""
+    S = d.shape[0]
+    h, fov = geo["h"], geo["fov"]
+    labels = tissue_labels(anat, d, d < 0 if not resected else np.zeros(d.shape, bool))
+    us = np.zeros(d.shape, np.float32)
+    if not fov.any():
+        return us, labels
+    pad = int(np.ceil(4.0 / h))
+    lo, hi = np.argwhere(fov).min(0) - pad, np.argwhere(fov).max(0) + 1 + pad
+    lo, hi = np.maximum(lo, 0), np.minimum(hi, S)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    sub = dict(geo, fov=fov[box], depth=geo["depth"][box], elevation=geo["elevation"][box], beam=[bm[box] for bm in geo["beam"]],
+               apex_v=np.asarray(geo["apex_v"], float) - lo)
+    us[box], labels[box] = _bmode_box(rng, anat[(slice(None),) + box], d[box], sub, size, P, remnant_p, resected)
+    return us, labels
+
+
+def _bmode_box(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: dict, size: float, P: dict,
+               remnant_p: float, resected: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`bmode` on a box of the grid (``geo`` cut to the box, apex in box voxels)."""
     T, G, W, C = anat
-    S = T.shape[0]
+    shp = T.shape
     h, fov, depth = geo["h"], geo["fov"], geo["depth"]
     # --- tissue: diffuse backscatter and impedance ------------------------------------------------
     b_gm, b_fl = _draw(rng, 0.55, 0.85), _draw(rng, 1e-4, 1e-3)
-    b_tum, tex_sig, tex_wl = _draw(rng, 1.6, 3.0), _draw(rng, 0.5, 1.0), _draw(rng, 3, 10)
+    b_tum, tex_sig, tex_wl = _draw(rng, 1.6, 3.0), _draw(rng, 1.0, 2.0), _draw(rng, 3, 10)
     fl = np.clip(1 - G - W, 0, 1)                            # CSF, and saline outside the brain
     back = W + np.float32(b_gm) * G + np.float32(b_fl) * fl
     del fl
@@ -214,17 +256,20 @@ def bmode(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: dict, 
     if not resected:
         remnant[box] = db < 0
     labels = tissue_labels(anat, d, remnant)
+    sulcus, line = _sulci(labels == LABELS["csf"], h, _draw(rng, 3.0, 5.0), _draw(rng, 0.3, 0.6))
+    back[sulcus] = np.float32(b_gm)            # a template sulcus is wider than a real one: the rest is cortex
     inside = np.clip(0.5 - db, 0, 1)                         # soft tumour (cavity) indicator
     soft_rem = ndi.gaussian_filter(remnant[box].astype(np.float32), 0.5)
     back[box] = back[box] * (1 - inside) + np.float32(b_fl) * inside * (1 - soft_rem) + (
         np.float32(b_tum) * inside * soft_rem * np.exp(np.float32(0.25) * _smooth_noise(rng, bshape, 1.5 / h)))
-    tex = _smooth_noise(rng, (S, S, S), tex_wl / h / 2)
+    tex = _smooth_noise(rng, shp, tex_wl / h / 2)
     tex *= np.float32(tex_sig)
     back *= np.exp(tex)
     del tex
     # --- specular reflectivity at sharp interfaces of the label map ---------------------------------
     g_int, p_spec, g_var = _draw(rng, 1000, 2000), _draw(rng, 2, 4), _draw(rng, 0.5, 0.9)
     imp = IMPEDANCE[labels]
+    imp[sulcus] = IMPEDANCE[LABELS["gm"]]      # its echo is the line below, not two walls
     grads = np.gradient(ndi.gaussian_filter(imp, 0.1 / h), h)
     del imp
     gmag = np.sqrt(sum(g * g for g in grads)) + np.float32(1e-6)
@@ -233,7 +278,11 @@ def bmode(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: dict, 
     thin = min(1.0, 0.5 / h) ** 2               # a voxel coarser than 0.5 mm averages a thin echo over its width
     refl = np.float32(g_int * thin) * gmag * cos ** np.float32(p_spec)
     del gmag, cos
-    refl *= np.exp(np.float32(g_var) * _smooth_noise(rng, (S, S, S), 2.0 / h) - np.float32(g_var ** 2 / 2))  # uneven
+    g_sulc, q_sulc = _draw(rng, 300, 800), _draw(rng, 0.2, 0.5)     # sulcal line: gain, share seen at any angle
+    cos2 = _facing(sulcus, geo["beam"], h)
+    refl += np.float32(g_sulc * min(1.0, 0.5 / h)) * line * (q_sulc + (1 - q_sulc) * cos2 ** np.float32(p_spec / 2))
+    del cos2, line
+    refl *= np.exp(np.float32(g_var) * _smooth_noise(rng, shp, 2.0 / h) - np.float32(g_var ** 2 / 2))  # uneven
     # cavity rim (blood, haemostatic material) and blood/air pockets: they also cast shadows
     strong = np.zeros_like(refl)
     rim_gain, rim_w = _draw(rng, 2.0, 5.0), _draw(rng, 1.0, 2.5)
@@ -247,35 +296,35 @@ def bmode(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: dict, 
     picked = wall_pts[rng.choice(len(wall_pts), min(n_blobs, len(wall_pts)), replace=False)] if len(wall_pts) else []
     for c in picked if resected else []:
         rad, amp = _draw(rng, 1.0, 3.0) * size / h, _draw(rng, 3.0, 8.0)      # a ball, edge 0.5 mm soft
-        lo, hi = np.maximum(c - int(rad) - 3, 0), np.minimum(c + int(rad) + 4, S)
+        lo, hi = np.maximum(c - int(rad) - 3, 0), np.minimum(c + int(rad) + 4, shp)
         sl = tuple(slice(a, b) for a, b in zip(lo, hi))
         r = np.sqrt(sum(((np.arange(a, b) - cc) ** 2).reshape([-1 if i == k else 1 for i in range(3)])
                         for k, (a, b, cc) in enumerate(zip(lo, hi, c))))
         ball = np.clip((rad - r) * (h / 0.5) + 0.5, 0, 1).astype(np.float32)
         strong[sl] += np.float32(amp) * ball
         labels[sl][(ball > 0.5) & (labels[sl] == LABELS["cavity"])] = LABELS["blood_air"]
-    n_pts, a_pts = _draw(rng, 0.05, 0.2), _draw(rng, 10.0, 25.0)     # sparse strong point scatterers
-    pts = rng.random((S, S, S), dtype=np.float32) < np.float32(min(n_pts * h ** 3, 1.0))
+    n_pts, a_pts = _draw(rng, 0.2, 0.6), _draw(rng, 20.0, 60.0)     # sparse strong point scatterers
+    pts = rng.random(shp, dtype=np.float32) < np.float32(min(n_pts * h ** 3, 1.0))
     pts &= (labels >= LABELS["gm"]) & (labels <= LABELS["tumour"])   # in tissue, not in fluid
     a_vox = a_pts * min(1.0, (0.5 / h) ** 1.5)                      # coarse voxels dilute a point's echo
     refl[pts] += np.float32(a_vox) * rng.uniform(0.3, 1.0, int(pts.sum())).astype(np.float32)
     del pts
     surf_gain, surf_w = _draw(rng, 1.0, 2.0), _draw(rng, 1.0, 2.0) * size
     refl += np.float32(surf_gain) * np.exp(-(np.maximum(depth, 0) / np.float32(surf_w)) ** 2) * (1 + 0.5 * np.tanh(
-        _smooth_noise(rng, (S, S, S), 3.0 / h)))
+        _smooth_noise(rng, shp, 3.0 / h)))
     # --- shadowing along rays from the apex (coarse grid) --------------------------------------------
     beta = _draw(rng, 0.05, 0.15)
     shadow = _shadow(strong, geo["apex_v"], h, beta)
     refl += strong
     del strong
     # --- speckle: complex Gaussian scatterers through the PSF ---------------------------------------
-    s_ax, s_la, s_el, q_coh = _draw(rng, 0.2, 0.3), _draw(rng, 0.35, 0.55), _draw(rng, 0.4, 0.6), _draw(rng, 0.5, 1.0)
-    comp_vox = _draw(rng, 0.2, 0.4)
+    s_ax, s_la, s_el, q_coh = _draw(rng, 0.2, 0.3), _draw(rng, 0.5, 0.9), _draw(rng, 0.25, 0.45), _draw(rng, 0.5, 1.0)
+    comp_vox = _draw(rng, 0.0, 0.2)
     frame = np.stack([geo["rot"].T @ geo["axis"], geo["rot"].T @ geo["lat"], geo["rot"].T @ geo["ele"]], 1)
     cov = frame @ np.diag(np.array([s_ax, s_la, s_el]) ** 2 / h ** 2) @ frame.T
-    H = _gaussian_transfer((S, S, S), cov)
-    z = torch.complex(torch.from_numpy(rng.standard_normal((S, S, S), dtype=np.float32)),
-                      torch.from_numpy(rng.standard_normal((S, S, S), dtype=np.float32)))
+    H = _gaussian_transfer(shp, cov)
+    z = torch.complex(torch.from_numpy(rng.standard_normal(shp, dtype=np.float32)),
+                      torch.from_numpy(rng.standard_normal(shp, dtype=np.float32)))
     Z = torch.fft.fftn(z)
     del z
     Z *= H
@@ -317,22 +366,65 @@ def bmode(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: dict, 
     img *= np.float32(med_level)
     edge_a, edge_l = _draw(rng, 0.3, 0.6), _draw(rng, 4, 10) * size   # the reconstruction darkens the FOV's
     img *= 1 - np.float32(edge_a) * np.exp(-_border_distance(fov, h) / np.float32(edge_l))   # border (fewer frames)
-    jitter = _draw(rng, 0.06, 0.16)      # voxel-level jitter of the freehand reconstruction, uneven (frame density)
-    dens = np.exp(np.float32(0.7) * _smooth_noise(rng, (S, S, S), 5.0 / h) - np.float32(0.245))
+    # the freehand reconstruction: each voxel comes from the nearest of the swept frames, which differ in
+    # gain (frame stripes across the sweep), plus voxel-level jitter of uneven strength (frame density)
+    pitch, f_gain = _draw(rng, 0.3, 0.7) * size, _draw(rng, 0.02, 0.06)
+    frame = np.floor(geo["elevation"] / np.float32(pitch) + np.float32(rng.random())).astype(np.int64)
+    frame -= frame.min()
+    img *= np.exp(np.float32(f_gain) * rng.standard_normal(int(frame.max()) + 1).astype(np.float32))[frame]
+    del frame
+    jitter = _draw(rng, 0.06, 0.14)
+    dens = np.exp(np.float32(0.5) * _smooth_noise(rng, shp, 5.0 / h) - np.float32(0.125))
     dens *= np.float32(jitter)
-    dens *= rng.standard_normal((S, S, S), dtype=np.float32)
+    dens *= rng.standard_normal(shp, dtype=np.float32)
     dens += 1
     img *= dens
     del dens
-    img += np.float32(floor) * np.abs(rng.standard_normal((S, S, S), dtype=np.float32))
-    us = np.where(fov, np.round(np.clip(img, 0, 255)), 0).astype(np.float32)
-    us[fov & (us == 0)] = 1.0                                    # inside the FOV never exactly 0
+    img += np.float32(floor) * np.abs(rng.standard_normal(shp, dtype=np.float32))
+    # not rounded: the real volumes come resampled, their values are not integers (measured: no two
+    # neighbours equal, where rounding made 6-8 % of neighbour pairs equal)
+    us = np.where(fov, np.clip(img, 0.5, 255), 0).astype(np.float32)   # inside the FOV never exactly 0
     P.update(backscatter_gm=b_gm, backscatter_fluid=b_fl, backscatter_tumour=b_tum, texture_sigma=tex_sig,
-             texture_wavelength_mm=tex_wl, remnant=has_remnant, interface_gain=g_int, specular_power=p_spec, interface_variation=g_var,
+             texture_wavelength_mm=tex_wl, remnant=has_remnant, interface_gain=g_int, specular_power=p_spec, interface_variation=g_var, sulcal_gain=g_sulc, sulcal_diffuse_share=q_sulc,
              rim_gain=rim_gain, rim_width_mm=rim_w, n_blobs=int(len(picked)) if resected else 0, surface_gain=surf_gain,
              surface_width_mm=surf_w, shadow_beta=beta, psf_sigma_mm=[s_ax, s_la, s_el], coherent_share=q_coh,
-             attenuation_per_mm=att, tgc_rms=tgc_rms, gamma=gam, median_level=med_level, noise_floor=floor, reconstruction_jitter=jitter, edge_darkening=edge_a, edge_length_mm=edge_l, points_per_ml=n_pts * 1000, point_amplitude=a_pts, compounding_vox=comp_vox)
+             attenuation_per_mm=att, tgc_rms=tgc_rms, gamma=gam, median_level=med_level, noise_floor=floor, reconstruction_jitter=jitter, frame_pitch_mm=pitch, frame_gain_sigma=f_gain, edge_darkening=edge_a, edge_length_mm=edge_l, points_per_ml=n_pts * 1000, point_amplitude=a_pts, compounding_vox=comp_vox)
     return us, labels
+
+
+def _sulci(csf: np.ndarray, h: float, max_width: float, line_width: float) -> tuple[np.ndarray, np.ndarray]:
+    """Thin CSF (sulci) and the line its echo comes from. CSF farther than ``max_width / 2`` (mm) from
+    tissue is the core of wide fluid (ventricles, cisterns), which stays anechoic with specular walls;
+    CSF outside that core dilated back is a sulcus. Real iUS shows a sulcus as one thin bright line
+    (pia, arachnoid and their vessels, the sulcus mostly collapsed), not as fluid between two walls:
+    the line is the sulcus' medial surface (ridge of the distance to tissue), ``line_width`` mm wide.
+    Returns (sulcus mask, line weight 0..1 as float32)."""
+    if not csf.any():
+        return csf, np.zeros(csf.shape, np.float32)
+    din = ndi.distance_transform_edt(csf).astype(np.float32) * np.float32(h)      # mm to tissue
+    core = din > max_width / 2
+    wide = (ndi.distance_transform_edt(~core) * h <= max_width / 2 + h) if core.any() else core
+    sulcus = csf & ~wide
+    ridge = ndi.maximum_filter(din, size=2 * int(np.ceil(1.0 / h)) + 1)
+    line = np.where(sulcus, np.exp(-((ridge - din) / np.float32(line_width / 2)) ** 2), 0).astype(np.float32)
+    return sulcus, line
+
+
+def _facing(mask: np.ndarray, beam: list[np.ndarray], h: float) -> np.ndarray:
+    """Squared cosine (0..1) between the beam and the normal of a thin sheet ``mask``, from its
+    smoothed gradient: ``<(g . beam)^2> / <|g|^2>`` averaged over ~1.5 mm, so that a sheet's centre gets
+    the orientation of its two faces. Computed on a grid 2x coarser at 0.5 mm (orientation varies slowly)."""
+    f = max(1, int(round(1.0 / h)))
+    m = ndi.gaussian_filter(mask[::f, ::f, ::f].astype(np.float32), 0.5 / (h * f))
+    g = np.gradient(m)
+    b = [x[::f, ::f, ::f] for x in beam]
+    num = ndi.gaussian_filter(sum(gi * bi for gi, bi in zip(g, b)) ** 2, 1.5 / (h * f))
+    den = ndi.gaussian_filter(sum(gi * gi for gi in g), 1.5 / (h * f)) + np.float32(1e-6)
+    c2 = np.clip(num / den, 0, 1)
+    if f > 1:
+        c2 = F.interpolate(torch.from_numpy(c2)[None, None], scale_factor=f, mode="trilinear",
+                           align_corners=False)[0, 0].numpy()
+    return np.ascontiguousarray(c2[: mask.shape[0], : mask.shape[1], : mask.shape[2]])
 
 
 def bounding_box(d: np.ndarray, thr: float) -> tuple[slice, ...]:
@@ -345,30 +437,31 @@ def bounding_box(d: np.ndarray, thr: float) -> tuple[slice, ...]:
 
 def _border_distance(fov: np.ndarray, h: float) -> np.ndarray:
     """Distance (mm) of each voxel to the FOV's border, computed on a 2x coarser grid (float32)."""
-    S = fov.shape[0]
     small = np.pad(fov[::2, ::2, ::2], 1)
     dist = ndi.distance_transform_edt(small)[1:-1, 1:-1, 1:-1].astype(np.float32) * np.float32(2 * h)
     dist = F.interpolate(torch.from_numpy(dist)[None, None], scale_factor=2, mode="trilinear", align_corners=False)[0, 0]
-    return dist[:S, :S, :S].numpy()
+    return dist[: fov.shape[0], : fov.shape[1], : fov.shape[2]].numpy()
 
 
 def _shadow(strong: np.ndarray, apex_v: np.ndarray, h: float, beta: float) -> np.ndarray:
-    """``exp(-beta * integral of strong along the ray from the apex)``, on a 2 mm grid, upsampled."""
-    S = strong.shape[0]
+    """``exp(-beta * integral of strong along the ray from the apex)``, on a 2 mm grid, upsampled; the
+    apex (voxels of this grid) may lie outside it, where ``strong`` counts as 0."""
+    shp = np.array(strong.shape)
     f = max(1, int(round(2.0 / h)))
-    m = -(-S // f)
-    rc = np.pad(strong, [(0, m * f - S)] * 3, mode="edge").reshape(m, f, m, f, m, f).mean((1, 3, 5))
-    cn = np.arange(m) * f + (f - 1) / 2.0
-    pts = np.stack(np.meshgrid(cn, cn, cn, indexing="ij"), 0).reshape(3, -1)
+    m = -(-shp // f)
+    rc = np.pad(strong, [(0, int(k)) for k in m * f - shp], mode="edge")
+    rc = rc.reshape(m[0], f, m[1], f, m[2], f).mean((1, 3, 5))
+    cn = [np.arange(k) * f + (f - 1) / 2.0 for k in m]
+    pts = np.stack(np.meshgrid(*cn, indexing="ij"), 0).reshape(3, -1)
     K = 32
     integ = np.zeros(pts.shape[1], np.float32)
     for s in (np.arange(K) + 0.5) / K:
         q = (apex_v[:, None] + (pts - apex_v[:, None]) * s - (f - 1) / 2.0) / f
-        integ += ndi.map_coordinates(rc, q, order=1, mode="nearest", output=np.float32)
+        integ += ndi.map_coordinates(rc, q, order=1, mode="constant", cval=0.0, output=np.float32)
     integ *= np.linalg.norm((pts - apex_v[:, None]) * h, axis=0) / K
-    shadow = np.exp(-beta * integ).reshape(1, 1, m, m, m).astype(np.float32)
+    shadow = np.exp(-beta * integ).reshape(1, 1, *m).astype(np.float32)
     shadow = F.interpolate(torch.from_numpy(shadow), scale_factor=f, mode="trilinear", align_corners=False)[0, 0]
-    return shadow[:S, :S, :S].numpy()
+    return shadow[: shp[0], : shp[1], : shp[2]].numpy()
 
 
 # --------------------------------------------------------------------------------------------

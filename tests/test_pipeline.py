@@ -28,12 +28,6 @@ def affine_run(small_case, tmp_path_factory):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="since the simulated MR has a skull and scalp (as ReMIND's), the LC2 "
-                   "translation search on this 2.25 mm case starts 12 mm off and a rigid candidate that SSC-MSE "
-                   "prefers to the identity lands at 5.9 mm TRE (identity 5.1; pre-resection: 13.0 vs 3.4). "
-                   "The coarse stage needs the MR's brain, not its head, in the comparison (open; still failing with "
-                   "affine runs from the identity and a margin for search-started runs, session 7, and with the "
-                   "discrete start, session 8)")
 def test_affine_stage_does_not_diverge(small_case, affine_run):
     """Issue 15: on this small case (2.25 mm voxels, a 75 ml sweep) block matching returns 43-130 deg
     rotations; the old selection kept a diverged affine (TRE 9.6 mm vs identity 4.1). The stage must
