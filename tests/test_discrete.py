@@ -99,7 +99,7 @@ def test_constant_translation_is_recovered(n, spacing, shift):
 
 @pytest.mark.xfail(strict=True, reason="issue 18: on the calibrated simulator of session 11 a sulcus shows as one "
                    "bright line in the iUS (as in real iUS), where the T1 has dark CSF; the SSC search still finds "
-                   "the push at its peak (2.16 mm where it exceeds 6 mm, bound 2.67) but not around it (4.02 mm "
+                   "the push at its peak (2.21 mm where it exceeds 6 mm, bound 2.67) but not around it (4.13 mm "
                    "where it exceeds 2 mm, identity 4.35, bound 2.90). Before, the simulated iUS showed each sulcus "
                    "as dark fluid between two echoes, which matched the T1's sulci")
 def test_push_on_a_simulated_case_is_recovered():
