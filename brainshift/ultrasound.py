@@ -214,7 +214,7 @@ def tissue_labels(anat: np.ndarray, d: np.ndarray, remnant: np.ndarray) -> np.nd
 
 def bmode(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: dict, size: float, P: dict,
           remnant_p: float = 0.4, resected: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The iUS (float32, integer-valued 0..255, 0 outside ``geo['fov']``) and its label map (uint8).
+    """The iUS (float32, 0.5..255 inside ``geo['fov']``, not rounded; exactly 0 outside) and its label map (uint8).
     ``resected``: the tumour (``d < 0``) is a cavity, with a remnant with probability ``remnant_p``;
     otherwise the whole tumour is in place (pre-resection iUS). The image is formed on the FOV's
     bounding box plus a margin (a fifth of the cube at 256^3), the labels on the whole grid."""
@@ -225,8 +225,9 @@ def bmode(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: dict, 
     if not fov.any():
         return us, labels
     pad = int(np.ceil(4.0 / h))
-    lo, hi = np.argwhere(fov).min(0) - pad, np.argwhere(fov).max(0) + 1 + pad
-    lo, hi = np.maximum(lo, 0), np.minimum(hi, S)
+    inside = np.argwhere(fov)
+    lo, hi = np.maximum(inside.min(0) - pad, 0), np.minimum(inside.max(0) + 1 + pad, S)
+    del inside
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
     sub = dict(geo, fov=fov[box], depth=geo["depth"][box], elevation=geo["elevation"][box], beam=[bm[box] for bm in geo["beam"]],
                apex_v=np.asarray(geo["apex_v"], float) - lo)
