@@ -412,12 +412,14 @@ def discrete_start(fixed: Volume, moving: Volume, mask: np.ndarray, max_points: 
     evenly strided) and its match ``p + u(p)`` are taken to world mm through the fixed affine, and a
     rigid (Procrustes) and an affine (least squares) map are fitted to the pairs. Unlike the
     translation search it sees rotation and the collapse's overall scaling; unlike block matching it
-    cannot diverge far from the dense search's smooth field.
+    cannot diverge far from the dense search's smooth field. The search runs without its prior
+    (``prior=0``): the fits average the matches over the whole field of view, and the coarse stage was
+    measured without it.
     """
     from .deform import discrete_field
 
     on_fixed = resample(moving, np.eye(4), fixed.affine, fixed.shape)
-    disp = discrete_field(fixed.data, on_fixed, mask, spacing_mm=float(np.mean(fixed.spacing)))
+    disp = discrete_field(fixed.data, on_fixed, mask, spacing_mm=float(np.mean(fixed.spacing)), prior=0.0)
     p = np.argwhere(mask)
     p = p[:: max(1, len(p) // max_points)]
     q = p + disp[tuple(p.T)]
