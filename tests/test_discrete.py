@@ -97,17 +97,22 @@ def test_constant_translation_is_recovered(n, spacing, shift):
     assert err[mask].mean() < 1.0
 
 
-def test_push_on_a_simulated_case_is_recovered():
+@pytest.fixture(scope="module")
+def simulated_case():
+    """One simulated MR-iUS case at the iUS's own 0.5 mm (160^3, seed 5), shared by the tests below."""
+    from brainshift.synth import simulate_case
+
+    return simulate_case(5, shape=160, spacing=0.5)
+
+
+def test_push_on_a_simulated_case_is_recovered(simulated_case):
     """An 8 mm push on a simulated MR-iUS case at the iUS's own 0.5 mm (160^3: the simulator's speckle, fan and
     contrasts) is recovered: where the push exceeds 6 mm its endpoint error falls under a third of 8 mm, and where it
     exceeds 2 mm the mean error falls under two thirds of the identity's. The MR is moved so that exactly the push
     is left to find: ``moving(q) = t1(q + h(q))`` with ``h = compose(inverse(push), truth)``, hence
     ``moving(p + push(p)) = t1(p + truth(p))``, what the iUS shows at ``p``. (At 1 mm the simulator's speckle is
     twice as coarse as real iUS's and the search does not find the push: EPE 4.1 mm against 3.8.)"""
-    from brainshift.synth import simulate_case
-
-    spacing, peak = 0.5, 8.0
-    case = simulate_case(5, shape=160, spacing=spacing)
+    spacing, peak, case = 0.5, 8.0, simulated_case
     mask = case.fov_mask
     grid = np.indices(mask.shape).astype(np.float32) * spacing
     c = np.argwhere(mask).mean(0) * spacing
@@ -127,19 +132,16 @@ def test_push_on_a_simulated_case_is_recovered():
     assert after < 2 / 3 * before
 
 
-def test_nothing_moved_gives_little_spurious_displacement():
+def test_nothing_moved_gives_little_spurious_displacement(simulated_case):
     """Where the MR is already aligned with the iUS (moved by the truth, so the answer is zero), the search on a
     simulated case (160^3 at 0.5 mm) stays near zero: the prior holds cells with no clear cost minimum at the field's
     centre instead of letting them take a spurious match."""
-    from brainshift.synth import simulate_case
-
-    spacing, seed = 0.5, 5
-    case = simulate_case(seed, shape=160, spacing=spacing)
+    spacing, case = 0.5, simulated_case
     mask = case.fov_mask
     moving = fields.warp(case.t1, case.truth)
     size = {p: np.linalg.norm(deform.discrete_field(case.us, moving, mask, spacing_mm=spacing, prior=p)[mask],
                               axis=-1).mean() * spacing for p in (0.0, 0.01)}
-    print(f"\nseed {seed}, nothing moved: mean |disp| in the field of view {size[0.0]:.2f} mm without the prior, "
+    print(f"\nseed 5, nothing moved: mean |disp| in the field of view {size[0.0]:.2f} mm without the prior, "
           f"{size[0.01]:.2f} mm with it")
     assert size[0.01] < 0.65 * size[0.0]     # measured: 2.02 -> 1.10 mm (seed 3: 1.13 -> 0.89)
     assert size[0.01] < 1.25

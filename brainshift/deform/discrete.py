@@ -162,11 +162,12 @@ def discrete_field(fixed: np.ndarray, moving_aligned: np.ndarray, mask: np.ndarr
     desc_f, desc_m = describe(extract(fixed, crop), m_crop), describe(extract(moving, wide), m_wide)
     cost, count, box = _cost_volume(desc_f, desc_m, m_lvl, cell, r)
     cost.sub_(cost.min(0).values)
-    cost.div_(max(float(cost.mean(0)[count[box].reshape(-1) > 0].median()), 1e-12))
+    masked = count[box].reshape(-1) > 0                                  # cells of the box with mask voxels
+    cost.div_(max(float(cost.mean(0)[masked].median()), 1e-12))
     ax = torch.arange(-r, r + 1, dtype=torch.float32)
     disps = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)  # (D, 3), axis 0 slowest
     if prior > 0:   # Gaussian prior about the field's robust centre (a shift the coarse stage left is not penalised)
-        centre = disps[cost.argmin(0)][count[box].reshape(-1) > 0].median(0).values
+        centre = disps[cost.argmin(0)][masked].median(0).values
         cost.add_(prior * ((disps - centre) ** 2).sum(1, keepdim=True))
     weight = (count / cell ** 3 + 1e-3)[None, None]                      # (1, 1, w, w, w)
     norm = _smooth(weight, smooth_passes)
