@@ -49,8 +49,8 @@ def register(fixed: Volume, moving: Volume, method: str = "brainshift", stages: 
       (with ``network``, the trained network inside the iUS field of view, else a zero start; then,
       with ``large_shift``, a discrete search over displacements up to 12 mm for what the network
       left; then instance ``refine``ment on the pair;
-      kept only if the guard accepts it: SSC-MSE and LC2 against the raw iUS must both improve and
-      the field must be plausible).
+      kept only if the guard accepts it: SSC-MSE and LC2 against the raw iUS must both improve, the
+      discrete search run backward must find the same shift, and the field must be plausible).
 
     ``modality``: 't1', 't2' or 'mr' (moving contrast). ``fixed_mask``: the iUS field of view on the
     fixed grid (default ``fixed > 0``). ``stage_outputs['fields']`` holds the field after each stage.
@@ -108,7 +108,7 @@ def _brainshift(fixed: Volume, moving: Volume, stages: tuple[str, ...], modality
     disp = fields.matrix_to_field(matrix, fixed.affine, moving.affine, fixed.shape)
     steps["affine"] = disp
     if "deform" in stages:
-        from .deform import discrete_field, guard, predict_field, refine_field
+        from .deform import discrete_field, guard, inverse_consistency, predict_field, refine_field
 
         t = time.perf_counter()
         fixed_reg = candidates[chosen].data
@@ -116,16 +116,21 @@ def _brainshift(fixed: Volume, moving: Volume, stages: tuple[str, ...], modality
         local = (predict_field(fixed_reg, aligned, mask, regularisation=regularisation) if network
                  else np.zeros(fixed_reg.shape + (3,), np.float32))   # without the network: from zero
         times = {"network": time.perf_counter() - t}
+        inconsistency = None
         if large_shift:  # discrete search for what the network left, composed after it
             t1 = time.perf_counter()
-            residual = discrete_field(fixed_reg, fields.warp(aligned, local), mask, spacing_mm=float(np.mean(fixed.spacing)))
+            moved, step = fields.warp(aligned, local), float(np.mean(fixed.spacing))
+            residual = discrete_field(fixed_reg, moved, mask, spacing_mm=step)
+            # the same search the other way round (MR fixed): the guard's check that the shift is real
+            backward = discrete_field(moved, fixed_reg, mask, spacing_mm=step)
+            inconsistency = inverse_consistency(residual, backward, mask, fixed.spacing)
             local = fields.compose(residual, local)
             times["discrete"] = time.perf_counter() - t1
         if refine:
             t1 = time.perf_counter()
             local = refine_field(fixed_reg, aligned, mask, init=local)
             times["refine"] = time.perf_counter() - t1
-        decision = guard(fixed_reg, aligned, mask, local, fixed.spacing, ius=fixed.data)
+        decision = guard(fixed_reg, aligned, mask, local, fixed.spacing, ius=fixed.data, inconsistency=inconsistency)
         outputs["deform_candidate"] = fields.compose(local, disp)   # kept or not (the bench scores both)
         if decision.kept:
             disp = outputs["deform_candidate"]

@@ -238,6 +238,17 @@ def test_guard_rejects_a_field_that_fools_ssc_but_not_lc2():
     assert right.kept and right.lc2_after > right.lc2_before, right.reason
 
 
+def test_guard_rejects_a_field_whose_search_is_not_inverse_consistent():
+    """Both similarities can be fooled together (they were on the 1 mm demo case): a search whose backward run
+    does not find the forward shift (inverse inconsistency above 0.9) is rejected even where SSC and LC2 agree."""
+    fixed, moving, mask, truth = smooth_pair()
+    consistent = deform.guard(fixed, moving, mask, truth, spacing_mm=1.0, ius=fixed, inconsistency=0.3)
+    assert consistent.kept and consistent.inconsistency == 0.3, consistent.reason
+    spurious = deform.guard(fixed, moving, mask, truth, spacing_mm=1.0, ius=fixed, inconsistency=1.1)
+    assert not spurious.kept and "backward" in spurious.reason
+    assert spurious.ssc_after < spurious.ssc_before and spurious.lc2_after > spurious.lc2_before   # both fooled
+
+
 def test_refinement_keeps_a_large_init():
     """The regulariser acts on the correction only: refining from the true 8-voxel field keeps it."""
     fixed, moving, mask, truth = smooth_pair(40, amp=8.0)

@@ -27,17 +27,18 @@ grid to that intermediate image; the lead composes ``fields.compose(deform_field
   cost volume over every integer shift up to ``search_mm``, coupled convex optimisation per 4 mm
   control point; recovers 5-10 mm local collapse, as the ``init`` of :func:`refine_field`.
 * :func:`guard` — keep a deformable result only if SSC-MSE inside the mask improves by a margin,
-  LC2 against the raw iUS (a similarity no step optimises) agrees, and the field is plausible (no
-  folds, SDlogJ and maximum displacement under bounds).
+  LC2 against the raw iUS (a similarity no step optimises) agrees, the discrete search run backward
+  finds the same shift (:func:`inverse_consistency`), and the field is plausible (no folds, SDlogJ
+  and maximum displacement under bounds).
 """
 from __future__ import annotations
 
 from .. import model_dir
 from .discrete import discrete_field
 from .grid import Crop, extract, insert, mask_crop, normalise, taper
-from .guard import GuardDecision, guard
+from .guard import GuardDecision, guard, inverse_consistency
 from .refine import refine_field
 from .synthmorph import SynthMorphModel, available_models, card, load_model, predict_field
 
-__all__ = ["Crop", "GuardDecision", "SynthMorphModel", "available_models", "card", "discrete_field", "extract", "guard",
+__all__ = ["Crop", "GuardDecision", "SynthMorphModel", "available_models", "card", "discrete_field", "extract", "guard", "inverse_consistency",
            "insert", "load_model", "mask_crop", "model_dir", "normalise", "predict_field", "refine_field", "taper"]

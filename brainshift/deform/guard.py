@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..fields import warp
+from ..fields import compose, warp
 from ..lc2 import lc2
 from ..metrics import jacobian_determinant
 from ..ssc import ssc_mse
@@ -24,14 +24,32 @@ class GuardDecision:
     max_disp_mm: float    # largest displacement length of the field (mm)
     lc2_before: float | None = None   # LC2 of the raw iUS against moving_aligned (None: not checked)
     lc2_after: float | None = None    # same after warping with the field
+    inconsistency: float | None = None  # inverse consistency of the discrete search (None: not checked)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
 
+def inverse_consistency(forward: np.ndarray, backward: np.ndarray, mask: np.ndarray, spacing_mm) -> float:
+    """How far a forward and a backward registration disagree, relative to the forward field's size.
+
+    ``forward``: voxel pull field on the fixed grid (fixed ``p`` <-> moving ``p + forward[p]``);
+    ``backward``: the same registration run the other way (the moving image as the fixed one, both
+    on the same grid). Returns mean |forward then backward| / mean |forward| over ``mask`` (lengths
+    in mm, ``spacing_mm`` the voxel size): 0 when one field undoes the other exactly, about 1 when the
+    backward run did not find the forward one's displacement, up to 2 when it found the opposite.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
+    size = lambda f: float(np.sqrt(((f[mask].astype(np.float64) * spacing) ** 2).sum(-1)).mean())
+    forward_mm = size(forward)
+    return size(compose(forward, backward)) / forward_mm if forward_mm > 0 else 0.0
+
+
 def guard(fixed: np.ndarray, moving_aligned: np.ndarray, mask: np.ndarray, field: np.ndarray,
           spacing_mm, *, ius: np.ndarray | None = None, margin: float = 0.05, lc2_margin: float = 0.0,
-          sdlogj_max: float = 0.8, max_disp_mm: float = 20.0, max_folds: int = 0) -> GuardDecision:
+          sdlogj_max: float = 0.8, max_disp_mm: float = 20.0, max_folds: int = 0,
+          inconsistency: float | None = None, inconsistency_max: float = 0.9) -> GuardDecision:
     """Decide whether a deformable field earns its place on this case.
 
     Kept only if (1) the SSC-MSE inside ``mask`` between ``fixed`` and ``moving_aligned`` warped by
@@ -46,6 +64,13 @@ def guard(fixed: np.ndarray, moving_aligned: np.ndarray, mask: np.ndarray, field
     opinion: the field was optimised on SSC (the refinement's own loss), so SSC-MSE alone rewards
     overfitting; LC2 (intensity and gradient against the raw iUS, :mod:`brainshift.lc2`) is not
     optimised by any step and must agree. ``fixed`` may be the synthetic T1; LC2 always uses the iUS.
+    When given, (6) ``inconsistency`` (:func:`inverse_consistency` of the large-displacement search run
+    forward and backward) must be at most ``inconsistency_max``: evidence from no similarity value at
+    all. A search that found a real shift finds it again the other way round; one that followed
+    speckle does not. Measured (session 13, docs/MEASUREMENTS.md; development cases only, with and
+    without the search's prior): every candidate that raised TRE had 0.97-1.12 (7 candidates on
+    128^3 cases at 1 mm; SSC and LC2 together were fooled on 4 of them), those that lowered it had
+    0.50-0.77 at 0.5 mm (dev seed 1) and 0.63 / 1.03 at 1 mm (the 1.03 one, without the prior, is lost).
     ``field``: voxel pull field on the fixed grid; ``spacing_mm``: fixed voxel size (3,).
     """
     mask = np.asarray(mask, dtype=bool)
@@ -72,6 +97,9 @@ def guard(fixed: np.ndarray, moving_aligned: np.ndarray, mask: np.ndarray, field
         problems.append(f"SSC-MSE {ssc_before:.5f} -> {ssc_after:.5f} does not improve by {margin:.0%}")
     if lc2_before is not None and not lc2_after > lc2_before + lc2_margin:
         problems.append(f"LC2 {lc2_before:.4f} -> {lc2_after:.4f} does not agree (must rise by > {lc2_margin})")
+    if inconsistency is not None and not inconsistency <= inconsistency_max:
+        problems.append(f"forward and backward searches disagree (inverse inconsistency {inconsistency:.2f} > "
+                        f"{inconsistency_max})")
     if folds > max_folds:
         problems.append(f"{folds} folded voxels (J <= 0)")
     if not sdlogj <= sdlogj_max:
@@ -83,7 +111,9 @@ def guard(fixed: np.ndarray, moving_aligned: np.ndarray, mask: np.ndarray, field
         reason = "rejected (affine kept): " + "; ".join(problems)
     else:
         lc2_text = f", LC2 {lc2_before:.4f} -> {lc2_after:.4f}" if lc2_before is not None else ""
-        reason = (f"kept: SSC-MSE {ssc_before:.5f} -> {ssc_after:.5f} ({change:+.1%}){lc2_text}, no folds, "
+        ic_text = f", inverse inconsistency {inconsistency:.2f}" if inconsistency is not None else ""
+        reason = (f"kept: SSC-MSE {ssc_before:.5f} -> {ssc_after:.5f} ({change:+.1%}){lc2_text}{ic_text}, no folds, "
                   f"SDlogJ {sdlogj:.3f}, max {max_mm:.1f} mm")
     return GuardDecision(kept=not problems, reason=reason, ssc_before=ssc_before, ssc_after=ssc_after,
-                         sdlogj=sdlogj, folds=folds, max_disp_mm=max_mm, lc2_before=lc2_before, lc2_after=lc2_after)
+                         sdlogj=sdlogj, folds=folds, max_disp_mm=max_mm, lc2_before=lc2_before, lc2_after=lc2_after,
+                        inconsistency=inconsistency)
