@@ -70,7 +70,7 @@ def guard(fixed: np.ndarray, moving_aligned: np.ndarray, mask: np.ndarray, field
     speckle does not. Measured (session 13, docs/MEASUREMENTS.md; development cases only, with and
     without the search's prior): every candidate that raised TRE had 0.97-1.12 (7 candidates on
     128^3 cases at 1 mm; SSC and LC2 together were fooled on 4 of them), those that lowered it had
-    0.50-0.77 at 0.5 mm (dev seed 1) and 0.63 / 1.03 at 1 mm (the 1.03 one, without the prior, is lost).
+    0.49-0.82 at 0.5 mm (dev seed 1, 6 pairs) and 0.63 / 1.03 at 1 mm (the 1.03 one, without the prior, is lost).
     ``field``: voxel pull field on the fixed grid; ``spacing_mm``: fixed voxel size (3,).
     """
     mask = np.asarray(mask, dtype=bool)
