@@ -40,10 +40,22 @@ def inverse_consistency(forward: np.ndarray, backward: np.ndarray, mask: np.ndar
     backward run did not find the forward one's displacement, up to 2 when it found the opposite.
     """
     mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return 0.0
+    nz = np.nonzero(mask)
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in nz)   # compose only where it is scored
+    inside, fw = mask[box], forward[box]
+    forward_mm = float(_lengths_mm(fw[inside], spacing_mm).mean())
+    if forward_mm == 0:
+        return 0.0
+    round_trip = compose(fw, backward, origin=[sl.start for sl in box])
+    return float(_lengths_mm(round_trip[inside], spacing_mm).mean()) / forward_mm
+
+
+def _lengths_mm(disp: np.ndarray, spacing_mm) -> np.ndarray:
+    """Length in mm of each voxel displacement (``disp``: (..., 3) voxels; ``spacing_mm``: voxel size)."""
     spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
-    size = lambda f: float(np.sqrt(((f[mask].astype(np.float64) * spacing) ** 2).sum(-1)).mean())
-    forward_mm = size(forward)
-    return size(compose(forward, backward)) / forward_mm if forward_mm > 0 else 0.0
+    return np.sqrt(((np.asarray(disp, dtype=np.float64) * spacing) ** 2).sum(-1))
 
 
 def guard(fixed: np.ndarray, moving_aligned: np.ndarray, mask: np.ndarray, field: np.ndarray,
@@ -74,14 +86,13 @@ def guard(fixed: np.ndarray, moving_aligned: np.ndarray, mask: np.ndarray, field
     ``field``: voxel pull field on the fixed grid; ``spacing_mm``: fixed voxel size (3,).
     """
     mask = np.asarray(mask, dtype=bool)
-    spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
     jac = jacobian_determinant(field)
     folds = int((jac <= 0).sum())
     inner = mask[2:-2, 2:-2, 2:-2]
     jm = jac[inner] if inner.any() else jac.ravel()
     pos = jm[jm > 0]
     sdlogj = float(np.log(pos).std()) if pos.size else float("inf")
-    max_mm = float(np.sqrt(((np.asarray(field, dtype=np.float64) * spacing) ** 2).sum(-1)).max())
+    max_mm = float(_lengths_mm(field, spacing_mm).max())
     finite = bool(np.isfinite(field).all())
     ssc_before = float(ssc_mse(fixed, moving_aligned, mask))
     warped = warp(moving_aligned, field) if finite else None
