@@ -260,7 +260,8 @@ def _bmode_box(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: d
     if not resected:
         remnant[box] = db < 0
     labels = tissue_labels(anat, d, remnant)
-    sulcus, line = _sulci(labels == LABELS["csf"], h, _draw(rng, 3.0, 5.0), _draw(rng, 0.3, 0.6))
+    sulcus = _sulci(labels == LABELS["csf"], h, _draw(rng, 3.0, 5.0))
+    line = _sulcal_sheets(labels, h, 1.0)
     back[sulcus] = np.float32(b_gm)            # a template sulcus is wider than a real one: the rest is cortex
     inside = np.clip(0.5 - db, 0, 1)                         # soft tumour (cavity) indicator
     soft_rem = ndi.gaussian_filter(remnant[box].astype(np.float32), 0.5)
@@ -283,7 +284,7 @@ def _bmode_box(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: d
     refl = np.float32(g_int * thin) * gmag * cos ** np.float32(p_spec)
     del gmag, cos
     g_sulc, q_sulc = _draw(rng, 300, 800), _draw(rng, 0.2, 0.5)     # sulcal line: gain, share seen at any angle
-    cos2 = _facing(sulcus, geo["beam"], h)
+    cos2 = _facing(line > 0.5, geo["beam"], h)
     refl += np.float32(g_sulc * min(1.0, 0.5 / h)) * line * (q_sulc + (1 - q_sulc) * cos2 ** np.float32(p_spec / 2))
     del cos2, line
     refl *= np.exp(np.float32(g_var) * _smooth_noise(rng, shp, 2.0 / h) - np.float32(g_var ** 2 / 2))  # uneven
@@ -350,7 +351,24 @@ def _bmode_box(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: d
     spec *= speck
     env += spec
     del refl, spec, speck
-    # --- propagation and display ---------------------------------------------------------------------
+    # --- propagation, display and the freehand reconstruction -----------------------------------------
+    img = _display(rng, env, depth, shadow, fov, labels, geo["elevation"], geo["rot"].T @ geo["ele"], h, size, P)
+    del env, shadow
+    us = np.where(fov, np.clip(img, 0.5, 255), 0).astype(np.float32)   # inside the FOV never exactly 0
+    P.update(backscatter_gm=b_gm, backscatter_fluid=b_fl, backscatter_tumour=b_tum, texture_sigma=tex_sig,
+             texture_wavelength_mm=tex_wl, remnant=has_remnant, interface_gain=g_int, specular_power=p_spec, interface_variation=g_var, sulcal_gain=g_sulc, sulcal_diffuse_share=q_sulc,
+             rim_gain=rim_gain, rim_width_mm=rim_w, n_blobs=int(len(picked)) if resected else 0, surface_gain=surf_gain,
+             surface_width_mm=surf_w, shadow_beta=beta, psf_sigma_mm=[s_ax, s_la, s_el], coherent_share=q_coh,
+             points_per_ml=n_pts * 1000, point_amplitude=a_pts, compounding_vox=comp_vox)
+    return us, labels
+
+
+def _display(rng: np.random.Generator, env: np.ndarray, depth: np.ndarray, shadow: np.ndarray, fov: np.ndarray,
+             labels: np.ndarray, elevation: np.ndarray, ev: np.ndarray, h: float, size: float, P: dict) -> np.ndarray:
+    """Propagation, display and freehand reconstruction: the echo envelope ``env`` (linear, changed in
+    place) becomes grey levels (float32, not clipped). ``depth`` and ``elevation`` are mm from the probe
+    face and along the sweep, ``ev`` the unit elevation axis in voxel axes, ``h`` the voxel size (mm)."""
+    shp = env.shape
     att, tgc_rms = _draw(rng, 0.006, 0.02), _draw(rng, 0.08, 0.18)
     dmm = np.maximum(depth, 0)
     ks = rng.uniform(1, 4, 3) * np.pi / 70.0
@@ -370,10 +388,14 @@ def _bmode_box(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: d
     img *= np.float32(med_level)
     edge_a, edge_l = _draw(rng, 0.3, 0.6), _draw(rng, 4, 10) * size   # the reconstruction darkens the FOV's
     img *= 1 - np.float32(edge_a) * np.exp(-_border_distance(fov, h) / np.float32(edge_l))   # border (fewer frames)
-    # the freehand reconstruction: each voxel comes from the nearest of the swept frames, which differ in
-    # gain (frame stripes across the sweep), plus voxel-level jitter of uneven strength (frame density)
-    pitch, f_gain = _draw(rng, 0.3, 0.7) * size, _draw(rng, 0.02, 0.06)
-    frame = np.floor(geo["elevation"] / np.float32(pitch) + np.float32(rng.random())).astype(np.int64)
+    # the freehand reconstruction: each voxel shows the nearest of the swept frames (planes across the
+    # elevation axis, ``pitch`` apart): the image is sampled on that frame's plane, so it is continuous
+    # within a frame and jumps between frames. The frames differ in gain (stripes across the sweep), and
+    # voxels get jitter of uneven strength (frame density)
+    pitch, f_gain = _draw(rng, 0.6, 1.2) * size, _draw(rng, 0.02, 0.06)
+    u0 = np.float32(rng.random())
+    frame = np.floor(elevation / np.float32(pitch) + u0).astype(np.int64)
+    img = _nearest_frame(img, elevation - (frame + np.float32(0.5) - u0) * np.float32(pitch), ev, h)
     frame -= frame.min()
     img *= np.exp(np.float32(f_gain) * rng.standard_normal(int(frame.max()) + 1).astype(np.float32))[frame]
     del frame
@@ -387,32 +409,53 @@ def _bmode_box(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: d
     img += np.float32(floor) * np.abs(rng.standard_normal(shp, dtype=np.float32))
     # not rounded: the real volumes come resampled, their values are not integers (measured: no two
     # neighbours equal, where rounding made 6-8 % of neighbour pairs equal)
-    us = np.where(fov, np.clip(img, 0.5, 255), 0).astype(np.float32)   # inside the FOV never exactly 0
-    P.update(backscatter_gm=b_gm, backscatter_fluid=b_fl, backscatter_tumour=b_tum, texture_sigma=tex_sig,
-             texture_wavelength_mm=tex_wl, remnant=has_remnant, interface_gain=g_int, specular_power=p_spec, interface_variation=g_var, sulcal_gain=g_sulc, sulcal_diffuse_share=q_sulc,
-             rim_gain=rim_gain, rim_width_mm=rim_w, n_blobs=int(len(picked)) if resected else 0, surface_gain=surf_gain,
-             surface_width_mm=surf_w, shadow_beta=beta, psf_sigma_mm=[s_ax, s_la, s_el], coherent_share=q_coh,
-             attenuation_per_mm=att, tgc_rms=tgc_rms, gamma=gam, median_level=med_level, noise_floor=floor, reconstruction_jitter=jitter, frame_pitch_mm=pitch, frame_gain_sigma=f_gain, edge_darkening=edge_a, edge_length_mm=edge_l, points_per_ml=n_pts * 1000, point_amplitude=a_pts, compounding_vox=comp_vox)
-    return us, labels
+    P.update(attenuation_per_mm=att, tgc_rms=tgc_rms, gamma=gam, median_level=med_level, noise_floor=floor,
+             reconstruction_jitter=jitter, frame_pitch_mm=pitch, frame_gain_sigma=f_gain, edge_darkening=edge_a,
+             edge_length_mm=edge_l)
+    return img
 
 
-def _sulci(csf: np.ndarray, h: float, max_width: float, line_width: float) -> tuple[np.ndarray, np.ndarray]:
-    """Thin CSF (sulci) and the line its echo comes from. CSF farther than ``max_width / 2`` (mm) from
-    tissue is the core of wide fluid (ventricles, cisterns), which stays anechoic with specular walls;
-    CSF outside that core dilated back is a sulcus. Real iUS shows a sulcus as one thin bright line
-    (pia, arachnoid and their vessels, the sulcus mostly collapsed), not as fluid between two walls:
-    the line is the sulcus' medial surface (ridge of the distance to tissue), ``line_width`` mm wide.
-    Returns (sulcus mask, line weight 0..1 as float32)."""
+def _nearest_frame(img: np.ndarray, offset_mm: np.ndarray, ev: np.ndarray, h: float) -> np.ndarray:
+    """Each voxel takes the image at its projection onto its nearest frame: ``img`` sampled (trilinear)
+    ``offset_mm`` (mm, signed distance to that frame's plane) back along the unit elevation axis ``ev``
+    (voxel axes)."""
+    grid = np.indices(img.shape, dtype=np.float32)
+    off = offset_mm / np.float32(h)
+    for i in range(3):
+        grid[i] -= off * np.float32(ev[i])
+    return ndi.map_coordinates(img, grid, order=1, mode="nearest", output=np.float32)
+
+
+def _sulci(csf: np.ndarray, h: float, max_width: float) -> np.ndarray:
+    """Thin CSF (sulci, bool): CSF farther than ``max_width / 2`` (mm) from tissue is the core of wide
+    fluid (ventricles, cisterns), which stays anechoic with specular walls; CSF outside that core
+    dilated back is a sulcus, which echoes as cortex (real iUS shows a sulcus as one thin bright line,
+    the sulcus mostly collapsed, not as fluid between two walls: see :func:`_sulcal_sheets`)."""
     if not csf.any():
-        return csf, np.zeros(csf.shape, np.float32)
-    din = ndi.distance_transform_edt(csf).astype(np.float32) * np.float32(h)      # mm to tissue
+        return csf
+    din = ndi.distance_transform_edt(csf) * h                   # mm to tissue
     core = din > max_width / 2
     wide = (ndi.distance_transform_edt(~core) * h <= max_width / 2 + h) if core.any() else core
-    sulcus = csf & ~wide
-    ridge = ndi.maximum_filter(din, size=2 * int(np.ceil(1.0 / h)) + 1)
-    line = np.where(sulcus, np.exp(-((ridge - din) / np.float32(line_width / 2)) ** 2), 0).astype(np.float32)
-    return sulcus, line
+    return csf & ~wide
 
+
+def _sulcal_sheets(labels: np.ndarray, h: float, min_depth: float) -> np.ndarray:
+    """Sulci as one-voxel sheets (float32, 0 or 1), where real iUS shows the bright line of the pia,
+    arachnoid and their vessels: the medial surface of the cortex (GM and CSF) between the white-matter
+    cores of neighbouring gyri, i.e. the voxels where the distance to white matter (mm, smoothed by 0.5
+    voxel) is a local maximum along a voxel axis, at least ``min_depth`` mm deep. The template's own
+    CSF marks only the widest sulci; this finds the collapsed ones between every pair of gyri."""
+    wm = labels == LABELS["wm"]
+    ctx = (labels == LABELS["gm"]) | (labels == LABELS["csf"])
+    if not wm.any() or not ctx.any():
+        return np.zeros(labels.shape, np.float32)
+    d = ndi.gaussian_filter(ndi.distance_transform_edt(~wm).astype(np.float32) * np.float32(h), 0.5)
+    sheet = np.zeros(d.shape, bool)
+    for ax in range(3):
+        before, after = np.roll(d, 1, ax), np.roll(d, -1, ax)
+        sheet |= (d >= before) & (d > after) & (2 * d - before - after > 0.15 * h)
+    sheet &= ctx & (d > min_depth)
+    return sheet.astype(np.float32)
 
 def _facing(mask: np.ndarray, beam: list[np.ndarray], h: float) -> np.ndarray:
     """Squared cosine (0..1) between the beam and the normal of a thin sheet ``mask``, from its
