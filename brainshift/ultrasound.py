@@ -21,7 +21,9 @@ cardiac ultrasound images"):
 3. Speckle. Complex circular Gaussian scatterers filtered by the probe's Gaussian point spread function
    (axial, lateral, elevational widths along the beam frame) in one FFT; the envelope is Rayleigh;
    its intensity is averaged over a fraction of a voxel (frame compounding in the reconstruction).
-   Envelope = ``sqrt(PSF^2 * b) s + (PSF * r) (q + (1 - q) s)``, ``s`` the unit-mean speckle.
+   Envelope = ``sqrt(PSF^2 * b) s + (PSF' * r) (q + (1 - q) s)``, ``s`` the unit-mean speckle, ``PSF'``
+   the PSF narrowed by a per-case factor: coherent specular echoes show as thin lines, the diffuse speckle
+   coarser (the scanner's compounding smooths it).
 4. Propagation. Shadowing below the rim and the pockets (``exp(-beta * integral of their echo)`` along
    the ray from the apex), attenuation left after time-gain compensation, a smooth random TGC ripple.
 5. Display and reconstruction. Power-law compression ``x**gamma`` (``x`` = envelope over its median in
@@ -65,10 +67,11 @@ interface unevenness        lognormal sigma       by eye: real sulcal echoes are
                             0.5-0.9 over 2 mm
 point scatterers            0.2-0.6 / mm^3,       by eye: bright dots in the real parenchyma; fitted: share of
                             amplitude 20-60         voxels > 3 x median (0.18 % real)
-sulcus (thin CSF, width     line gain 300-800,    by eye: real iUS shows a sulcus as one thin bright line (pia,
-  below 3-5 mm)               0.3-0.6 mm wide,      arachnoid, vessels; the sulcus mostly collapsed), not as dark
-                              20-50 % seen at any   fluid between two walls; its medial surface, brighter where
-                              angle                 the beam meets it face-on; the rest of it echoes as cortex
+sulcus: a sheet on the      line gain 300-800,    by eye: real iUS shows many long one-voxel bright lines, often
+  cortex's medial surface     one voxel thick,      parallel: each sulcus a collapsed pia-arachnoid sheet between
+  between white-matter        20-50 % seen at any   two gyri, brighter where the beam meets it face-on (the MNI
+  cores, >= 1 mm deep         angle                 template's CSF marks only the widest sulci); thin CSF below
+                                                    3-5 mm wide echoes as cortex, not as dark fluid
 surface echo under probe    gain 1-2, 1-2 mm      by eye: bright band along the probe face in most volumes
 cavity rim (on the wall)    gain 2-5, 1-2.5 mm    by eye (no real post-resection volume here)
 blood / air pockets         2-6 balls, r 1-3 mm,  by eye; they and the rim cast shadows (beta 0.05-0.15 /mm)
@@ -77,6 +80,14 @@ PSF sigma axial / lateral   0.2-0.3 / 0.5-0.9     fitted: per-patch autocorrelat
   / elevational             / 0.25-0.45 mm          (real medians); lateral wider than axial: the streaks of real
                                                     speckle; elevation narrow: frames decorrelate (wider: AUC up)
 compounding                 0-0.2 voxel           fitted, as the PSF
+specular PSF scale          0.2-1.0 x the PSF,    by eye: real sulcal lines and echo borders are 1-2 voxels wide,
+                            reflectivity x its^2    the simulated ones were 3-5 (a Gaussian's tails widen under
+                                                    the compression); fitted: calibration AUC (12 draws against
+                                                    the 6 volumes, logreg / forest) 0.82 / 0.81 at 1.0, 0.75 /
+                                                    0.76 at 0.7, drawn per case from 0.5 / 0.4 / 0.3 / 0.2 to 1.0:
+                                                    0.72 / 0.74, 0.68 / 0.72, 0.64 / 0.69, 0.61 / 0.68 (the real
+                                                    volumes differ in how sharp their echoes are); a floor of half
+                                                    a voxel on the PSF widths (no beaded lines): 0.72 / 0.75
 coherent share q            0.5-1.0               by eye: specular echoes smoother than speckle
 residual attenuation        0.006-0.02 / mm       brain ~0.6 dB/cm/MHz, mostly cancelled by the TGC
 TGC ripple                  RMS 8-18 %            by eye: gain bands with depth in the real volumes
@@ -86,18 +97,21 @@ border darkening            30-60 %, 4-10 mm      measured: median 0.55-0.84 x w
                                                     1.0-1.5 x beyond 9 mm
 reconstruction jitter       6-14 %, strength      fitted: Laplacian energy of the patches (without it 0.2, real
                             lognormal (0.5, 5 mm),  1.25); stronger unevenness (0.7-0.8) gave salt-and-pepper patches;
-                            Student t (3 dof)       heavy-tailed as the real one: the top 5 % of a patch's voxels hold
-                                                    38-52 % of its squared Laplacian in the real volumes, 31-39 % with
-                                                    Gaussian jitter, 37-46 % with this
-frame stripes               pitch 0.3-0.7 mm,     by eye: streaks across the sweep in the real volumes (Case 5,
-                            gain sigma 2-6 %        15); frame pitch of a hand-held sweep at ~20 frames/s
+                            Gaussian                a heavy-tailed (Student t) jitter put isolated black and white
+                                                    voxels where the real volumes have none (the thin specular
+                                                    lines now give the heavy-tailed Laplacian)
+nearest-frame               pitch 0.6-1.2 mm,     by eye: real grain is blocky along one axis, continuous within a
+  reconstruction, stripes   gain sigma 2-6 %        frame and jumping between frames, with streaks across the sweep
+                                                    (Case 5, 15); a hand-held sweep at 1-2.5 cm/s, ~20 frames/s
 noise floor                 1-3 grey levels       measured: 1st percentile 1.4-2.9
 ==========================  ====================  ============================================================
 
-How close this is, measured (leave-volumes-out AUC of ``us_realism.py``, 0.5 = indistinguishable):
-see ``docs/MEASUREMENTS.md``; the held-out real volumes are still told apart (session 11: AUC 0.92
-logreg / 0.92 forest, against 0.955 / 0.89 for the simulator before it), mainly by the patches' gradient
-CV: real patches mix flat regions with sharp echoes more than these do.
+How close this is, measured (leave-volumes-out AUC of ``us_realism.py``, 0.5 = indistinguishable; details
+in ``docs/MEASUREMENTS.md``): the 6 held-out real volumes against ``brainshift simulate --cases 6 --shape
+256 --spacing 0.5``, session 15: logreg / forest 0.670 / 0.574 (seed 1) and 0.656 / 0.623 (seed 2),
+against 0.92-0.94 / 0.92 for the simulators of sessions 11 and 14. The real-vs-real floor on this split
+is 0.31 / 0.25. What still tells them apart: the real patches' gradient CV and Laplacian energy are higher
+(0.86 / 1.69 against 0.78 / 1.43), their autocorrelation at 0.5 mm lower (0.73 against 0.78).
 """
 from __future__ import annotations
 
@@ -325,6 +339,7 @@ def _bmode_box(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: d
     # --- speckle: complex Gaussian scatterers through the PSF ---------------------------------------
     s_ax, s_la, s_el, q_coh = _draw(rng, 0.2, 0.3), _draw(rng, 0.5, 0.9), _draw(rng, 0.25, 0.45), _draw(rng, 0.5, 1.0)
     comp_vox = _draw(rng, 0.0, 0.2)
+    sharp = _draw(rng, 0.2, 1.0)             # the specular echoes' PSF relative to the speckle's (below)
     frame = np.stack([geo["rot"].T @ geo["axis"], geo["rot"].T @ geo["lat"], geo["rot"].T @ geo["ele"]], 1)
     cov = frame @ np.diag(np.array([s_ax, s_la, s_el]) ** 2 / h ** 2) @ frame.T
     H = _gaussian_transfer(shp, cov)
@@ -344,7 +359,11 @@ def _bmode_box(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: d
     H2 = H * H                                                   # PSF^2 (intensity) transfer
     env = np.sqrt(np.maximum(_psf_blur(back, H2), 0))             # diffuse echo x speckle
     env *= speck
-    spec = _psf_blur(refl, H)                                    # specular echo: coherent part + speckled part
+    # specular echo: coherent part + speckled part. Imaged sharper than the diffuse echo (whose speckle the
+    # scanner's compounding smooths): the PSF's widths x ``sharp``, the reflectivity x sharp^2
+    del H
+    refl *= np.float32(sharp * sharp)
+    spec = _psf_blur(refl, _gaussian_transfer(shp, cov * sharp * sharp))
     np.maximum(spec, 0, out=spec)
     speck *= np.float32(1 - q_coh)
     speck += np.float32(q_coh)
@@ -358,7 +377,8 @@ def _bmode_box(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: d
     P.update(backscatter_gm=b_gm, backscatter_fluid=b_fl, backscatter_tumour=b_tum, texture_sigma=tex_sig,
              texture_wavelength_mm=tex_wl, remnant=has_remnant, interface_gain=g_int, specular_power=p_spec, interface_variation=g_var, sulcal_gain=g_sulc, sulcal_diffuse_share=q_sulc,
              rim_gain=rim_gain, rim_width_mm=rim_w, n_blobs=int(len(picked)) if resected else 0, surface_gain=surf_gain,
-             surface_width_mm=surf_w, shadow_beta=beta, psf_sigma_mm=[s_ax, s_la, s_el], coherent_share=q_coh,
+             surface_width_mm=surf_w, shadow_beta=beta, psf_sigma_mm=[s_ax, s_la, s_el], specular_psf_scale=sharp,
+             coherent_share=q_coh,
              points_per_ml=n_pts * 1000, point_amplitude=a_pts, compounding_vox=comp_vox)
     return us, labels
 
@@ -402,7 +422,7 @@ def _display(rng: np.random.Generator, env: np.ndarray, depth: np.ndarray, shado
     jitter = _draw(rng, 0.06, 0.14)
     dens = np.exp(np.float32(0.5) * _smooth_noise(rng, shp, 5.0 / h) - np.float32(0.125))
     dens *= np.float32(jitter)
-    dens *= (rng.standard_t(3, size=shp) / np.sqrt(3)).astype(np.float32)   # heavy-tailed: outlier voxels
+    dens *= rng.standard_normal(shp, dtype=np.float32)
     dens += 1
     img *= dens
     del dens
