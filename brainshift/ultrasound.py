@@ -21,7 +21,9 @@ cardiac ultrasound images"):
 3. Speckle. Complex circular Gaussian scatterers filtered by the probe's Gaussian point spread function
    (axial, lateral, elevational widths along the beam frame) in one FFT; the envelope is Rayleigh;
    its intensity is averaged over a fraction of a voxel (frame compounding in the reconstruction).
-   Envelope = ``sqrt(PSF^2 * b) s + (PSF * r) (q + (1 - q) s)``, ``s`` the unit-mean speckle.
+   Envelope = ``sqrt(PSF^2 * b) s + (PSF' * r) (q + (1 - q) s)``, ``s`` the unit-mean speckle, ``PSF'``
+   the PSF narrowed by a per-case factor: coherent specular echoes show as thin lines, the diffuse speckle
+   coarser (the scanner's compounding smooths it).
 4. Propagation. Shadowing below the rim and the pockets (``exp(-beta * integral of their echo)`` along
    the ray from the apex), attenuation left after time-gain compensation, a smooth random TGC ripple.
 5. Display and reconstruction. Power-law compression ``x**gamma`` (``x`` = envelope over its median in
@@ -65,10 +67,11 @@ interface unevenness        lognormal sigma       by eye: real sulcal echoes are
                             0.5-0.9 over 2 mm
 point scatterers            0.2-0.6 / mm^3,       by eye: bright dots in the real parenchyma; fitted: share of
                             amplitude 20-60         voxels > 3 x median (0.18 % real)
-sulcus (thin CSF, width     line gain 300-800,    by eye: real iUS shows a sulcus as one thin bright line (pia,
-  below 3-5 mm)               0.3-0.6 mm wide,      arachnoid, vessels; the sulcus mostly collapsed), not as dark
-                              20-50 % seen at any   fluid between two walls; its medial surface, brighter where
-                              angle                 the beam meets it face-on; the rest of it echoes as cortex
+sulcus: a sheet on the      line gain 300-800,    by eye: real iUS shows many long one-voxel bright lines, often
+  cortex's medial surface     one voxel thick,      parallel: each sulcus a collapsed pia-arachnoid sheet between
+  between white-matter        20-50 % seen at any   two gyri, brighter where the beam meets it face-on (the MNI
+  cores, >= 1 mm deep         angle                 template's CSF marks only the widest sulci); thin CSF below
+                                                    3-5 mm wide echoes as cortex, not as dark fluid
 surface echo under probe    gain 1-2, 1-2 mm      by eye: bright band along the probe face in most volumes
 cavity rim (on the wall)    gain 2-5, 1-2.5 mm    by eye (no real post-resection volume here)
 blood / air pockets         2-6 balls, r 1-3 mm,  by eye; they and the rim cast shadows (beta 0.05-0.15 /mm)
@@ -77,6 +80,14 @@ PSF sigma axial / lateral   0.2-0.3 / 0.5-0.9     fitted: per-patch autocorrelat
   / elevational             / 0.25-0.45 mm          (real medians); lateral wider than axial: the streaks of real
                                                     speckle; elevation narrow: frames decorrelate (wider: AUC up)
 compounding                 0-0.2 voxel           fitted, as the PSF
+specular PSF scale          0.2-1.0 x the PSF,    by eye: real sulcal lines and echo borders are 1-2 voxels wide,
+                            reflectivity x its^2    the simulated ones were 3-5 (a Gaussian's tails widen under
+                                                    the compression); fitted: calibration AUC (12 draws against
+                                                    the 6 volumes, logreg / forest) 0.82 / 0.81 at 1.0, 0.75 /
+                                                    0.76 at 0.7, drawn per case from 0.5 / 0.4 / 0.3 / 0.2 to 1.0:
+                                                    0.72 / 0.74, 0.68 / 0.72, 0.64 / 0.69, 0.61 / 0.68 (the real
+                                                    volumes differ in how sharp their echoes are); a floor of half
+                                                    a voxel on the PSF widths (no beaded lines): 0.72 / 0.75
 coherent share q            0.5-1.0               by eye: specular echoes smoother than speckle
 residual attenuation        0.006-0.02 / mm       brain ~0.6 dB/cm/MHz, mostly cancelled by the TGC
 TGC ripple                  RMS 8-18 %            by eye: gain bands with depth in the real volumes
@@ -86,18 +97,21 @@ border darkening            30-60 %, 4-10 mm      measured: median 0.55-0.84 x w
                                                     1.0-1.5 x beyond 9 mm
 reconstruction jitter       6-14 %, strength      fitted: Laplacian energy of the patches (without it 0.2, real
                             lognormal (0.5, 5 mm),  1.25); stronger unevenness (0.7-0.8) gave salt-and-pepper patches;
-                            Student t (3 dof)       heavy-tailed as the real one: the top 5 % of a patch's voxels hold
-                                                    38-52 % of its squared Laplacian in the real volumes, 31-39 % with
-                                                    Gaussian jitter, 37-46 % with this
-frame stripes               pitch 0.3-0.7 mm,     by eye: streaks across the sweep in the real volumes (Case 5,
-                            gain sigma 2-6 %        15); frame pitch of a hand-held sweep at ~20 frames/s
+                            Gaussian                a heavy-tailed (Student t) jitter put isolated black and white
+                                                    voxels where the real volumes have none (the thin specular
+                                                    lines now give the heavy-tailed Laplacian)
+nearest-frame               pitch 0.6-1.2 mm,     by eye: real grain is blocky along one axis, continuous within a
+  reconstruction, stripes   gain sigma 2-6 %        frame and jumping between frames, with streaks across the sweep
+                                                    (Case 5, 15); a hand-held sweep at 1-2.5 cm/s, ~20 frames/s
 noise floor                 1-3 grey levels       measured: 1st percentile 1.4-2.9
 ==========================  ====================  ============================================================
 
-How close this is, measured (leave-volumes-out AUC of ``us_realism.py``, 0.5 = indistinguishable):
-see ``docs/MEASUREMENTS.md``; the held-out real volumes are still told apart (session 11: AUC 0.92
-logreg / 0.92 forest, against 0.955 / 0.89 for the simulator before it), mainly by the patches' gradient
-CV: real patches mix flat regions with sharp echoes more than these do.
+How close this is, measured (leave-volumes-out AUC of ``us_realism.py``, 0.5 = indistinguishable; details
+in ``docs/MEASUREMENTS.md``): the 6 held-out real volumes against ``brainshift simulate --cases 6 --shape
+256 --spacing 0.5``, session 15: logreg / forest 0.670 / 0.574 (seed 1) and 0.656 / 0.623 (seed 2),
+against 0.92-0.94 / 0.92 for the simulators of sessions 11 and 14. The real-vs-real floor on this split
+is 0.31 / 0.25. What still tells them apart: the real patches' gradient CV and Laplacian energy are higher
+(0.86 / 1.69 against 0.78 / 1.43), their autocorrelation at 0.5 mm lower (0.73 against 0.78).
 """
 from __future__ import annotations
 
@@ -260,7 +274,8 @@ def _bmode_box(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: d
     if not resected:
         remnant[box] = db < 0
     labels = tissue_labels(anat, d, remnant)
-    sulcus, line = _sulci(labels == LABELS["csf"], h, _draw(rng, 3.0, 5.0), _draw(rng, 0.3, 0.6))
+    sulcus = _sulci(labels == LABELS["csf"], h, _draw(rng, 3.0, 5.0))
+    line = _sulcal_sheets(labels, h, 1.0)
     back[sulcus] = np.float32(b_gm)            # a template sulcus is wider than a real one: the rest is cortex
     inside = np.clip(0.5 - db, 0, 1)                         # soft tumour (cavity) indicator
     soft_rem = ndi.gaussian_filter(remnant[box].astype(np.float32), 0.5)
@@ -283,7 +298,7 @@ def _bmode_box(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: d
     refl = np.float32(g_int * thin) * gmag * cos ** np.float32(p_spec)
     del gmag, cos
     g_sulc, q_sulc = _draw(rng, 300, 800), _draw(rng, 0.2, 0.5)     # sulcal line: gain, share seen at any angle
-    cos2 = _facing(sulcus, geo["beam"], h)
+    cos2 = _facing(line > 0.5, geo["beam"], h)
     refl += np.float32(g_sulc * min(1.0, 0.5 / h)) * line * (q_sulc + (1 - q_sulc) * cos2 ** np.float32(p_spec / 2))
     del cos2, line
     refl *= np.exp(np.float32(g_var) * _smooth_noise(rng, shp, 2.0 / h) - np.float32(g_var ** 2 / 2))  # uneven
@@ -324,6 +339,7 @@ def _bmode_box(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: d
     # --- speckle: complex Gaussian scatterers through the PSF ---------------------------------------
     s_ax, s_la, s_el, q_coh = _draw(rng, 0.2, 0.3), _draw(rng, 0.5, 0.9), _draw(rng, 0.25, 0.45), _draw(rng, 0.5, 1.0)
     comp_vox = _draw(rng, 0.0, 0.2)
+    sharp = _draw(rng, 0.2, 1.0)             # the specular echoes' PSF relative to the speckle's (below)
     frame = np.stack([geo["rot"].T @ geo["axis"], geo["rot"].T @ geo["lat"], geo["rot"].T @ geo["ele"]], 1)
     cov = frame @ np.diag(np.array([s_ax, s_la, s_el]) ** 2 / h ** 2) @ frame.T
     H = _gaussian_transfer(shp, cov)
@@ -343,14 +359,36 @@ def _bmode_box(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: d
     H2 = H * H                                                   # PSF^2 (intensity) transfer
     env = np.sqrt(np.maximum(_psf_blur(back, H2), 0))             # diffuse echo x speckle
     env *= speck
-    spec = _psf_blur(refl, H)                                    # specular echo: coherent part + speckled part
+    # specular echo: coherent part + speckled part. Imaged sharper than the diffuse echo (whose speckle the
+    # scanner's compounding smooths): the PSF's widths x ``sharp``, the reflectivity x sharp^2
+    del H
+    refl *= np.float32(sharp * sharp)
+    spec = _psf_blur(refl, _gaussian_transfer(shp, cov * sharp * sharp))
     np.maximum(spec, 0, out=spec)
     speck *= np.float32(1 - q_coh)
     speck += np.float32(q_coh)
     spec *= speck
     env += spec
     del refl, spec, speck
-    # --- propagation and display ---------------------------------------------------------------------
+    # --- propagation, display and the freehand reconstruction -----------------------------------------
+    img = _display(rng, env, depth, shadow, fov, labels, geo["elevation"], geo["rot"].T @ geo["ele"], h, size, P)
+    del env, shadow
+    us = np.where(fov, np.clip(img, 0.5, 255), 0).astype(np.float32)   # inside the FOV never exactly 0
+    P.update(backscatter_gm=b_gm, backscatter_fluid=b_fl, backscatter_tumour=b_tum, texture_sigma=tex_sig,
+             texture_wavelength_mm=tex_wl, remnant=has_remnant, interface_gain=g_int, specular_power=p_spec, interface_variation=g_var, sulcal_gain=g_sulc, sulcal_diffuse_share=q_sulc,
+             rim_gain=rim_gain, rim_width_mm=rim_w, n_blobs=int(len(picked)) if resected else 0, surface_gain=surf_gain,
+             surface_width_mm=surf_w, shadow_beta=beta, psf_sigma_mm=[s_ax, s_la, s_el], specular_psf_scale=sharp,
+             coherent_share=q_coh,
+             points_per_ml=n_pts * 1000, point_amplitude=a_pts, compounding_vox=comp_vox)
+    return us, labels
+
+
+def _display(rng: np.random.Generator, env: np.ndarray, depth: np.ndarray, shadow: np.ndarray, fov: np.ndarray,
+             labels: np.ndarray, elevation: np.ndarray, ev: np.ndarray, h: float, size: float, P: dict) -> np.ndarray:
+    """Propagation, display and freehand reconstruction: the echo envelope ``env`` (linear, changed in
+    place) becomes grey levels (float32, not clipped). ``depth`` and ``elevation`` are mm from the probe
+    face and along the sweep, ``ev`` the unit elevation axis in voxel axes, ``h`` the voxel size (mm)."""
+    shp = env.shape
     att, tgc_rms = _draw(rng, 0.006, 0.02), _draw(rng, 0.08, 0.18)
     dmm = np.maximum(depth, 0)
     ks = rng.uniform(1, 4, 3) * np.pi / 70.0
@@ -370,49 +408,74 @@ def _bmode_box(rng: np.random.Generator, anat: np.ndarray, d: np.ndarray, geo: d
     img *= np.float32(med_level)
     edge_a, edge_l = _draw(rng, 0.3, 0.6), _draw(rng, 4, 10) * size   # the reconstruction darkens the FOV's
     img *= 1 - np.float32(edge_a) * np.exp(-_border_distance(fov, h) / np.float32(edge_l))   # border (fewer frames)
-    # the freehand reconstruction: each voxel comes from the nearest of the swept frames, which differ in
-    # gain (frame stripes across the sweep), plus voxel-level jitter of uneven strength (frame density)
-    pitch, f_gain = _draw(rng, 0.3, 0.7) * size, _draw(rng, 0.02, 0.06)
-    frame = np.floor(geo["elevation"] / np.float32(pitch) + np.float32(rng.random())).astype(np.int64)
+    # the freehand reconstruction: each voxel shows the nearest of the swept frames (planes across the
+    # elevation axis, ``pitch`` apart): the image is sampled on that frame's plane, so it is continuous
+    # within a frame and jumps between frames. The frames differ in gain (stripes across the sweep), and
+    # voxels get jitter of uneven strength (frame density)
+    pitch, f_gain = _draw(rng, 0.6, 1.2) * size, _draw(rng, 0.02, 0.06)
+    u0 = np.float32(rng.random())
+    frame = np.floor(elevation / np.float32(pitch) + u0).astype(np.int64)
+    img = _nearest_frame(img, elevation - (frame + np.float32(0.5) - u0) * np.float32(pitch), ev, h)
     frame -= frame.min()
     img *= np.exp(np.float32(f_gain) * rng.standard_normal(int(frame.max()) + 1).astype(np.float32))[frame]
     del frame
     jitter = _draw(rng, 0.06, 0.14)
     dens = np.exp(np.float32(0.5) * _smooth_noise(rng, shp, 5.0 / h) - np.float32(0.125))
     dens *= np.float32(jitter)
-    dens *= (rng.standard_t(3, size=shp) / np.sqrt(3)).astype(np.float32)   # heavy-tailed: outlier voxels
+    dens *= rng.standard_normal(shp, dtype=np.float32)
     dens += 1
     img *= dens
     del dens
     img += np.float32(floor) * np.abs(rng.standard_normal(shp, dtype=np.float32))
     # not rounded: the real volumes come resampled, their values are not integers (measured: no two
     # neighbours equal, where rounding made 6-8 % of neighbour pairs equal)
-    us = np.where(fov, np.clip(img, 0.5, 255), 0).astype(np.float32)   # inside the FOV never exactly 0
-    P.update(backscatter_gm=b_gm, backscatter_fluid=b_fl, backscatter_tumour=b_tum, texture_sigma=tex_sig,
-             texture_wavelength_mm=tex_wl, remnant=has_remnant, interface_gain=g_int, specular_power=p_spec, interface_variation=g_var, sulcal_gain=g_sulc, sulcal_diffuse_share=q_sulc,
-             rim_gain=rim_gain, rim_width_mm=rim_w, n_blobs=int(len(picked)) if resected else 0, surface_gain=surf_gain,
-             surface_width_mm=surf_w, shadow_beta=beta, psf_sigma_mm=[s_ax, s_la, s_el], coherent_share=q_coh,
-             attenuation_per_mm=att, tgc_rms=tgc_rms, gamma=gam, median_level=med_level, noise_floor=floor, reconstruction_jitter=jitter, frame_pitch_mm=pitch, frame_gain_sigma=f_gain, edge_darkening=edge_a, edge_length_mm=edge_l, points_per_ml=n_pts * 1000, point_amplitude=a_pts, compounding_vox=comp_vox)
-    return us, labels
+    P.update(attenuation_per_mm=att, tgc_rms=tgc_rms, gamma=gam, median_level=med_level, noise_floor=floor,
+             reconstruction_jitter=jitter, frame_pitch_mm=pitch, frame_gain_sigma=f_gain, edge_darkening=edge_a,
+             edge_length_mm=edge_l)
+    return img
 
 
-def _sulci(csf: np.ndarray, h: float, max_width: float, line_width: float) -> tuple[np.ndarray, np.ndarray]:
-    """Thin CSF (sulci) and the line its echo comes from. CSF farther than ``max_width / 2`` (mm) from
-    tissue is the core of wide fluid (ventricles, cisterns), which stays anechoic with specular walls;
-    CSF outside that core dilated back is a sulcus. Real iUS shows a sulcus as one thin bright line
-    (pia, arachnoid and their vessels, the sulcus mostly collapsed), not as fluid between two walls:
-    the line is the sulcus' medial surface (ridge of the distance to tissue), ``line_width`` mm wide.
-    Returns (sulcus mask, line weight 0..1 as float32)."""
+def _nearest_frame(img: np.ndarray, offset_mm: np.ndarray, ev: np.ndarray, h: float) -> np.ndarray:
+    """Each voxel takes the image at its projection onto its nearest frame: ``img`` sampled (trilinear)
+    ``offset_mm`` (mm, signed distance to that frame's plane) back along the unit elevation axis ``ev``
+    (voxel axes)."""
+    grid = np.indices(img.shape, dtype=np.float32)
+    off = offset_mm / np.float32(h)
+    for i in range(3):
+        grid[i] -= off * np.float32(ev[i])
+    return ndi.map_coordinates(img, grid, order=1, mode="nearest", output=np.float32)
+
+
+def _sulci(csf: np.ndarray, h: float, max_width: float) -> np.ndarray:
+    """Thin CSF (sulci, bool): CSF farther than ``max_width / 2`` (mm) from tissue is the core of wide
+    fluid (ventricles, cisterns), which stays anechoic with specular walls; CSF outside that core
+    dilated back is a sulcus, which echoes as cortex (real iUS shows a sulcus as one thin bright line,
+    the sulcus mostly collapsed, not as fluid between two walls: see :func:`_sulcal_sheets`)."""
     if not csf.any():
-        return csf, np.zeros(csf.shape, np.float32)
-    din = ndi.distance_transform_edt(csf).astype(np.float32) * np.float32(h)      # mm to tissue
+        return csf
+    din = ndi.distance_transform_edt(csf) * h                   # mm to tissue
     core = din > max_width / 2
     wide = (ndi.distance_transform_edt(~core) * h <= max_width / 2 + h) if core.any() else core
-    sulcus = csf & ~wide
-    ridge = ndi.maximum_filter(din, size=2 * int(np.ceil(1.0 / h)) + 1)
-    line = np.where(sulcus, np.exp(-((ridge - din) / np.float32(line_width / 2)) ** 2), 0).astype(np.float32)
-    return sulcus, line
+    return csf & ~wide
 
+
+def _sulcal_sheets(labels: np.ndarray, h: float, min_depth: float) -> np.ndarray:
+    """Sulci as one-voxel sheets (float32, 0 or 1), where real iUS shows the bright line of the pia,
+    arachnoid and their vessels: the medial surface of the cortex (GM and CSF) between the white-matter
+    cores of neighbouring gyri, i.e. the voxels where the distance to white matter (mm, smoothed by 0.5
+    voxel) is a local maximum along a voxel axis, at least ``min_depth`` mm deep. The template's own
+    CSF marks only the widest sulci; this finds the collapsed ones between every pair of gyri."""
+    wm = labels == LABELS["wm"]
+    ctx = (labels == LABELS["gm"]) | (labels == LABELS["csf"])
+    if not wm.any() or not ctx.any():
+        return np.zeros(labels.shape, np.float32)
+    d = ndi.gaussian_filter(ndi.distance_transform_edt(~wm).astype(np.float32) * np.float32(h), 0.5)
+    sheet = np.zeros(d.shape, bool)
+    for ax in range(3):
+        before, after = np.roll(d, 1, ax), np.roll(d, -1, ax)
+        sheet |= (d >= before) & (d > after) & (2 * d - before - after > 0.15 * h)
+    sheet &= ctx & (d > min_depth)
+    return sheet.astype(np.float32)
 
 def _facing(mask: np.ndarray, beam: list[np.ndarray], h: float) -> np.ndarray:
     """Squared cosine (0..1) between the beam and the normal of a thin sheet ``mask``, from its
