@@ -43,9 +43,10 @@ def register(fixed: Volume, moving: Volume, method: str = "brainshift", stages: 
     * ``brainshift``: this project's stages, in order, each switchable through ``stages``:
       ``style`` (iUS -> synthetic T1; a T2 moving image is mapped to a T1-like contrast),
       ``affine`` (the coarse stage: identity, rigid and affine reg_aladin candidates, from the
-      identity, from a global translation search and from maps fitted to a dense discrete search
+      identity and from maps fitted to a dense discrete search
       (the fits are candidates too), on the raw iUS and, with ``style``, on the
-      synthetic T1; kept by SSC-MSE against the raw iUS with a model-selection margin), ``deform``
+      synthetic T1; scored by SSC-MSE against the raw iUS; kept: the mean of those that agree, else
+      the best with a model-selection margin), ``deform``
       (with ``network``, the trained network inside the iUS field of view, else a zero start; then,
       with ``large_shift``, a discrete search over displacements up to 12 mm for what the network
       left; then instance ``refine``ment on the pair;
