@@ -43,7 +43,7 @@ def test_affine_stage_through_cli_writes_qc(affine_run):
     stem = "disp_0001_0000_0001_0001"
     record = json.loads((out / "qc" / f"{stem}_record.json").read_text())
     assert list(record["stages"]) == ["affine"]
-    assert record["stages"]["affine"]["kept"] in ("identity", "rigid", "affine", "baseline")
+    assert record["stages"]["affine"]["kept"] in ("identity", "rigid", "affine", "baseline", "consensus")
     assert (out / "qc" / f"{stem}_affine_curve.png").stat().st_size > 0
 
 
