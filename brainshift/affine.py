@@ -344,11 +344,12 @@ def _better(criterion: str, a: float, b: float) -> bool:
     return a > b if CRITERIA[criterion] else a < b
 
 
-def _clearly_better(criterion: str, a: float, b: float) -> bool:
-    """``a`` beats ``b`` by the model-selection margin (:data:`MARGIN_REL`, :data:`MARGIN_ABS`)."""
+def _clearly_better(criterion: str, a: float, b: float, rel: float = MARGIN_REL, absolute: float | None = None) -> bool:
+    """``a`` beats ``b`` by ``rel`` x |b| + ``absolute`` (default: the model-selection margin,
+    :data:`MARGIN_REL` and :data:`MARGIN_ABS`)."""
     if not np.isfinite(b):
         return np.isfinite(a)
-    need = MARGIN_REL * abs(b) + MARGIN_ABS[criterion]
+    need = rel * abs(b) + (MARGIN_ABS[criterion] if absolute is None else absolute)
     return _better(criterion, a - need if CRITERIA[criterion] else a + need, b)
 
 
@@ -380,9 +381,8 @@ def consensus_members(candidates: list[Candidate], criterion: str, points_mm: np
     ident = candidates[0].scores.get(criterion, np.nan)
     if not np.isfinite(ident):
         return []
-    need = margin_rel * abs(ident)
     voters = [c for c in candidates[1:] if c.rejected is None and c.model != "consensus"
-              and _better(criterion, c.scores.get(criterion, np.nan) + (-need if CRITERIA[criterion] else need), ident)]
+              and _clearly_better(criterion, c.scores.get(criterion, np.nan), ident, rel=margin_rel, absolute=0.0)]
     if len(voters) < 2:
         return voters
     dist = np.array([[spread_mm(a.matrix, b.matrix, points_mm) for b in voters] for a in voters])
