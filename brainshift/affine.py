@@ -639,14 +639,19 @@ def affine_stage(fixed: Volume, moving: Volume, fixed_mask: np.ndarray | None = 
             runs = list(pool.map(one, jobs))
         aladin_seconds = time.perf_counter() - t0
 
+    def sanity(matrix: np.ndarray) -> str | None:
+        """Why a matrix cannot be kept (degenerate, or the field of view slid off the moving head), or None."""
+        reason = check_matrix(matrix, centre)
+        if reason is None:
+            ov = scorer.overlap(matrix)
+            if ov < MIN_OVERLAP_RATIO * scorer.identity_overlap:
+                reason = (f"field of view lost: {ov:.0%} of it in the moving foreground "
+                          f"(identity {scorer.identity_overlap:.0%})")
+        return reason
+
     for cand in fits + runs:
         if cand.rejected is None:
-            cand.rejected = check_matrix(cand.matrix, centre)
-        if cand.rejected is None:
-            ov = scorer.overlap(cand.matrix)
-            if ov < MIN_OVERLAP_RATIO * scorer.identity_overlap:
-                cand.rejected = (f"field of view lost: {ov:.0%} of it in the moving foreground "
-                                 f"(identity {scorer.identity_overlap:.0%})")
+            cand.rejected = sanity(cand.matrix)
         if cand.rejected:
             cand.scores = {c: float("nan") for c in CRITERIA}
             notes.append(f"{cand.name}: rejected, {cand.rejected}")
@@ -661,7 +666,7 @@ def affine_stage(fixed: Volume, moving: Volume, fixed_mask: np.ndarray | None = 
             continue
         cons = Candidate(f"consensus/{crit}", "ius", "consensus", None, "consensus",
                          np.mean([c.matrix for c in members], axis=0))
-        cons.rejected = check_matrix(cons.matrix, centre)
+        cons.rejected = sanity(cons.matrix)   # the same checks as every other candidate
         cons.scores = ({c: float("nan") for c in CRITERIA} if cons.rejected else scorer.scores(cons.matrix, wanted))
         notes.append(f"consensus/{crit}: mean of {len(members)} candidates ({', '.join(c.name for c in members)})"
                      + (f"; rejected, {cons.rejected}" if cons.rejected else ""))
