@@ -33,8 +33,12 @@ def refine_field(fixed: np.ndarray, moving_aligned: np.ndarray, mask: np.ndarray
     the discrete search had found). From a zero init the two are the same.
     Coarse to fine: for each pooling factor in ``levels`` (fixed voxels per level voxel), Adam
     (``lr`` level voxels) runs ``iterations`` steps on ``delta`` sampled at that level, Gaussian
-    smoothed (``smooth_sigma`` level voxels). Only the mask's bounding box + ``margin_vox`` is
-    changed; the correction is tapered to zero in the margin like :func:`predict_field`. The result
+    smoothed (``smooth_sigma`` level voxels). ``levels=(4, 2)`` (2 and 1 mm at 0.5 mm spacing, set in
+    session 1) was re-checked on the session-15 simulator (5 development pairs, seed 1; docs/MEASUREMENTS.md,
+    session 17): (8, 4, 2) is the same on average (within 0.04 mm per pair), (4,) alone is 0.23 mm worse,
+    80 iterations gain nothing, and (4, 2, 1) gained 0.03 mm on one pair for 10x the time.
+    Only the mask's bounding box + ``margin_vox`` is changed; the correction is tapered to zero in the
+    margin like :func:`predict_field`. The result
     is ``compose(exp(delta), init)``: the optimised correction taken as a stationary velocity,
     integrated and composed before ``init`` (for a small correction the same as ``init + delta``, but
     never folding where ``init`` does not: adding it folded 5 k voxels at a steep 10 mm collapse).
