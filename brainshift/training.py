@@ -130,12 +130,16 @@ class CsvLog:
         if restart or not self.path.is_file():
             with open(self.path, "w", newline="") as fh:
                 csv.writer(fh).writerow(header)
-        elif keep_until is not None:
+        else:   # resuming: keep the rows up to the checkpoint, under the current header (new columns empty)
             with open(self.path, newline="") as fh:
                 rows = list(csv.reader(fh))
-            kept = [rows[0]] + [r for r in rows[1:] if r and int(float(r[0])) <= keep_until]
+            old = rows[0] if rows else header
+            kept = [dict(zip(old, r)) for r in rows[1:]
+                    if r and (keep_until is None or int(float(r[0])) <= keep_until)]
             with open(self.path, "w", newline="") as fh:
-                csv.writer(fh).writerows(kept)
+                w = csv.writer(fh)
+                w.writerow(header)
+                w.writerows([[r.get(k, "") for k in header] for r in kept])
 
     def row(self, values: list) -> None:
         if self.enabled:

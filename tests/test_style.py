@@ -219,3 +219,97 @@ def test_t1_crops_follow_real_fov_shapes_inside_the_brain_and_sampler_keeps_doma
 
 
 MIN_INSIDE = 0.85
+
+
+def test_paired_patches_share_place_and_flips_and_supervised_term_is_logged(tmp_path):
+    """A simulated pair's iUS and aligned T1 are cut at one centre with the same flips (a T1 equal
+    to its iUS gives equal patches), and a run with ``lam_sup`` logs a finite, positive ``sup``."""
+    from brainshift.style.data import PatchSampler
+
+    us, _ = _fan((24, 22, 20), seed=3)
+    case = make_case("pair", us, us.copy())
+    case.paired = True
+    other = make_case("unpaired", *_fan((24, 22, 20), seed=4))   # not paired: never drawn by sample_paired
+    sampler = PatchSampler([case, other], patch=12, seed=2)
+    for _ in range(5):
+        a, t, m = sampler.sample_paired(2)
+        assert a.shape == t.shape == m.shape == (2, 1, 12, 12, 12)
+        assert np.array_equal(a, t) and np.all(a[m == 0] == -1) and m.any()
+    with pytest.raises(ValueError, match="paired"):
+        PatchSampler([other], patch=12).sample_paired(1)
+    cfg = StyleTrainConfig(out=str(tmp_path), epochs=1, patch=16, base_width=2, patches_per_volume=1,
+                           max_steps=2, val_every=1, threads=1, lam_sup=1.0, lam_ssc=1.0)
+    train_style(cfg, cases=[case, other], progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "loss_log.csv")))
+    assert 0 < float(rows[-1]["sup"]) < 10 and 0 < float(rows[-1]["ssc"]) < 1
+
+
+def test_differentiable_ssc_equals_the_pipelines_ssc_and_has_gradients():
+    """The training loss's SSC descriptor is the pipeline's (brainshift.ssc), and gradients reach the input."""
+    from brainshift.ssc import ssc_descriptor
+    from brainshift.style.losses import ssc_descriptors, ssc_loss
+
+    vol = gaussian_filter(np.random.default_rng(0).random((20, 18, 16)), 2).astype(np.float32)
+    ours = ssc_descriptors(torch.from_numpy(vol)[None, None])[0].numpy()
+    assert np.abs(ours - ssc_descriptor(vol).numpy()).max() < 1e-5
+    x = torch.from_numpy(vol)[None, None].clone().requires_grad_(True)
+    y = torch.from_numpy(1.0 - vol)[None, None]          # an inverted contrast has the same SSC
+    assert float(ssc_loss(x, y)) < 1e-6
+    loss = ssc_loss(x, torch.from_numpy(np.roll(vol, 3, axis=0))[None, None])
+    loss.backward()
+    assert float(loss) > 0.01 and float(x.grad.abs().sum()) > 0
+
+
+def test_load_paired_cases_aligns_the_t1_with_the_true_field(tmp_path):
+    """The T1 of a simulated pair, pulled with the true field, fits the iUS grid's tissue labels
+    better (less variance inside each label) than the T1 as the simulator wrote it (moving grid)."""
+    from brainshift.io import load_volume
+    from brainshift.style.data import load_paired_cases
+    from brainshift.synth import simulate_dataset
+
+    simulate_dataset(tmp_path, 1, seed=3, shape=48, spacing=3.0, progress=False)
+    (case,) = load_paired_cases(tmp_path)
+    us = load_volume(next((tmp_path / "imagesTr").glob("*_0000.nii.gz"))).data
+    t1 = load_volume(next((tmp_path / "imagesTr").glob("*_0001.nii.gz"))).data
+    labels = load_volume(next((tmp_path / "labels").glob("*_0000.nii.gz"))).data.astype(int)
+    assert case.paired and case.t1.shape == us.shape and np.array_equal(case.fov, us > 0)
+    unaligned = make_case("raw", us, t1).t1
+
+    def within_label_variance(img: np.ndarray) -> float:
+        m = case.fov
+        return float(sum(img[m & (labels == k)].var() * (m & (labels == k)).sum() for k in np.unique(labels[m])) / m.sum())
+
+    assert within_label_variance(case.t1) < 0.9 * within_label_variance(unaligned)
+    half = load_paired_cases(tmp_path, spacing=6.0)[0]          # at a coarser working spacing
+    assert half.us.shape == tuple((np.array(us.shape) + 1) // 2) or half.us.shape == tuple(np.array(us.shape) // 2)
+
+
+def test_learning_curve_plot_reads_the_trainer_log(tmp_path):
+    """``plot_losses`` draws a trainer's loss_log.csv (with and without held-out numbers) to a PNG."""
+    from brainshift.style.evaluate import plot_losses
+
+    log = tmp_path / "loss_log.csv"
+    log.write_text("epoch,step,lr,wall_s,g_gan,cycle,identity,corr,sup,g_total,d_t1,d_us,val_ncc_synth_t1,val_ncc_us_t1\n"
+                   "1,10,0.0002,5,1.0,0.5,0.0,0.9,1.1,9.0,0.3,0.3,nan,nan\n"
+                   "2,20,0.0001,10,0.9,0.4,0.0,0.8,0.7,7.0,0.2,0.2,nan,nan\n")
+    plot_losses(str(tmp_path / "a.png"), str(log))
+    plot_losses(str(tmp_path / "b.png"), str(log), {0: dict(ncc=0.1, ssc=0.15, ncc_raw=0.0, ssc_raw=0.14),
+                                                    2: dict(ncc=0.4, ssc=0.12, ncc_raw=0.0, ssc_raw=0.14)})
+    for name in ("a.png", "b.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_csv_log_resumed_under_a_new_header_keeps_old_rows_by_column(tmp_path):
+    """A run resumed with a new loss column (e.g. ``ssc``) keeps its earlier rows, each value under
+    its own column name and the new column empty, and drops rows past the checkpoint."""
+    from brainshift.training import CsvLog
+
+    path = tmp_path / "log.csv"
+    log = CsvLog(path, ["epoch", "a", "b"], restart=True)
+    for e in (1, 2, 3):
+        log.row([e, 10 * e, 100 * e])
+    log = CsvLog(path, ["epoch", "a", "new", "b"], restart=False, keep_until=2)
+    log.row([3, 31, 0.5, 301])
+    rows = list(csv.DictReader(open(path)))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert rows[1] == {"epoch": "2", "a": "20", "new": "", "b": "200"} and rows[2]["new"] == "0.5"

@@ -41,6 +41,7 @@ class StyleCase:
     t1: np.ndarray | None
     fov: np.ndarray
     fov_index: np.ndarray  # (N, 3) voxel indices inside the field of view, for centre sampling
+    paired: bool = False   # ``t1`` is aligned with ``us`` (a simulated pair warped with its true field)
 
 
 def _centres(fov: np.ndarray) -> np.ndarray:
@@ -79,6 +80,37 @@ def load_cases(data_dir: str | Path) -> list[StyleCase]:
     return cases
 
 
+def load_paired_cases(data_dir: str | Path, spacing: float | None = None) -> list[StyleCase]:
+    """Simulated pairs with known truth (``brainshift simulate`` output: ``truth/`` pull fields):
+    per T1 case, the T1 pulled onto the iUS grid with the TRUE field (so voxel ``p`` of both shows
+    the same tissue), both brought to ``spacing`` mm (None: the iUS grid as is) as inference brings
+    an iUS (:func:`brainshift.style.real.to_spacing`, averaged over the field of view). The cases are
+    marked ``paired``: the trainer's supervised term compares the generator's output with this T1."""
+    from .. import fields
+    from .real import to_spacing
+
+    found = discover_cases(data_dir, "t1")
+    if not found.cases:
+        raise ValueError(f"{data_dir}: no iUS/T1 case found ({'; '.join(found.problems) or 'empty folder'})")
+    cases = []
+    for c in found.cases:
+        truth = Path(c.fixed).parent.parent / "truth" / c.output_name
+        if not truth.is_file():
+            raise ValueError(f"{truth}: a paired case needs its true field (a brainshift simulate folder)")
+        us, t1 = load_volume(c.fixed), load_volume(c.moving)
+        fov = us.data > 0
+        aligned = fields.warp(t1.data, fields.read_field(truth))
+        if spacing is not None:
+            img, fov_w = to_spacing(us.data, us.spacing, spacing, fov)
+            aligned = to_spacing(aligned, us.spacing, spacing, fov)[0]
+        else:
+            img, fov_w = np.where(fov, us.data, 0.0), fov
+        case = make_case(f"sim{c.case_id}", img, aligned, fov_w)
+        case.paired = True
+        cases.append(case)
+    return cases
+
+
 def crop(vol: np.ndarray, centre: np.ndarray, patch: int, fill: float) -> np.ndarray:
     """Cubic patch of side ``patch`` around ``centre``, kept inside the volume where it fits,
     padded with ``fill`` where the volume is smaller than the patch."""
@@ -106,19 +138,37 @@ class PatchSampler:
         for name, found in self.domains.items():
             if not found:
                 raise ValueError(f"no training volume of the {name} domain")
+        self.paired = [c for c in cases if c.paired]
         self.rng = np.random.default_rng(seed)
+
+    def _cut(self, case: StyleCase, images: list[np.ndarray]) -> list[np.ndarray]:
+        """One random centre in ``case``'s FOV: each of ``images`` (then the FOV) cropped there, -1
+        outside the FOV, all flipped alike."""
+        centre = case.fov_index[self.rng.integers(len(case.fov_index))]
+        fov = crop(case.fov.astype(np.float32), centre, self.patch, 0.0)
+        out = [np.where(fov > 0, crop(img, centre, self.patch, -1.0), -1.0).astype(np.float32) for img in images]
+        out.append(fov)
+        for axis in range(3):
+            if self.rng.random() < 0.5:
+                out = [np.flip(x, axis) for x in out]
+        return [np.ascontiguousarray(x) for x in out]
 
     def _one(self, domain: str) -> tuple[np.ndarray, np.ndarray]:
         cases = self.domains[domain]
         case = cases[self.rng.integers(len(cases))]
-        centre = case.fov_index[self.rng.integers(len(case.fov_index))]
-        fov = crop(case.fov.astype(np.float32), centre, self.patch, 0.0)
-        img = crop(case.us if domain == "us" else case.t1, centre, self.patch, -1.0)
-        img = np.where(fov > 0, img, -1.0).astype(np.float32)
-        for axis in range(3):
-            if self.rng.random() < 0.5:
-                img, fov = np.flip(img, axis), np.flip(fov, axis)
-        return np.ascontiguousarray(img), np.ascontiguousarray(fov)
+        img, fov = self._cut(case, [case.us if domain == "us" else case.t1])
+        return img, fov
+
+    def sample_paired(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(us, t1, fov)`` of ``batch`` aligned patches (one centre per pair), each
+        ``(batch, 1, P, P, P)`` float32; needs paired cases."""
+        if not self.paired:
+            raise ValueError("no paired (simulated, aligned) training volume")
+        cuts = []
+        for _ in range(batch):
+            case = self.paired[self.rng.integers(len(self.paired))]
+            cuts.append(self._cut(case, [case.us, case.t1]))
+        return tuple(np.stack([c[i] for c in cuts])[:, None] for i in range(3))   # type: ignore[return-value]
 
     def sample(self, batch: int) -> tuple[np.ndarray, ...]:
         """``(us, us_fov, t1, t1_fov)``, each ``(batch, 1, P, P, P)`` float32."""

@@ -177,6 +177,45 @@ def evaluate_real_t2(t1_file: str, t2_file: str, threads: int | None = None) -> 
     return rows
 
 
+def plot_losses(path: str, log_csv: str, heldout: dict[int, dict[str, float]] | None = None) -> None:
+    """Learning curve of a style run: the epoch means of its loss terms (``loss_log.csv``) against
+    optimiser steps; ``heldout`` (epoch -> {"ncc": .., "ssc": ..}, optional) adds a second panel of
+    held-out appearance numbers (synthetic T1 vs the true T1 on simulated pairs)."""
+    import csv
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(log_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    steps = [int(r["step"]) for r in rows]
+    fig, axes = plt.subplots(1, 2 if heldout else 1, figsize=(11 if heldout else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    for key in ("g_gan", "cycle", "corr", "sup", "d_t1", "d_us"):
+        if key in rows[0] and any(float(r[key]) for r in rows):
+            ax.plot(steps, [float(r[key]) for r in rows], label=key)
+    ax.set(xlabel="optimiser step", ylabel="epoch mean", title="training losses")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if heldout:
+        epochs = sorted(heldout)
+        per_epoch = {int(r["epoch"]): int(r["step"]) for r in rows}
+        x = [per_epoch.get(e, 0) for e in epochs]
+        ax = axes[0, 1]
+        ax.plot(x, [heldout[e]["ncc"] for e in epochs], "o-", label="NCC synthetic T1 vs true T1 (higher is better)")
+        ax.plot(x, [heldout[e]["ssc"] for e in epochs], "s-", label="SSC-MSE synthetic T1 vs true T1 (lower is better)")
+        for key, style in (("ncc_raw", ":"), ("ssc_raw", "--")):
+            if key in heldout[epochs[0]]:
+                ax.axhline(heldout[epochs[0]][key], color="k", ls=style, lw=1, label=f"raw iUS ({key[:3].upper()})")
+        ax.set(xlabel="optimiser step", title="held-out simulated pairs")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def _figure(shown: list, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -214,7 +253,17 @@ if __name__ == "__main__":
     ap.add_argument("--figure", help="with --real-ius: PNG of the held-out iUS and their synthetic T1s")
     ap.add_argument("--model", default=None, help="generator weights (default: the shipped model)")
     ap.add_argument("--real-t2", help="with --real-t1 alone: score the T2 -> T1-like remaps on this patient")
+    ap.add_argument("--curves", nargs="+", metavar="ARG", help="OUT.png LOG.csv [HELDOUT.json]: plot a style run's "
+                    "learning curve (HELDOUT.json: {epoch: {ncc, ssc, ncc_raw, ssc_raw}} on held-out simulated pairs)")
     a = ap.parse_args()
+    if a.curves:
+        held = None
+        if len(a.curves) > 2:
+            from pathlib import Path
+            held = {int(k): v for k, v in json.loads(Path(a.curves[2]).read_text()).items()}
+        plot_losses(a.curves[0], a.curves[1], held)
+        print(f"wrote {a.curves[0]}")
+        raise SystemExit(0)
     if a.real_t2:
         result = evaluate_real_t2(a.real_t1, a.real_t2)
     elif a.real_ius:

@@ -55,3 +55,39 @@ def correlation_loss(inp: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | 
     if mask is None:
         return 1.0 - r2.mean()
     return 1.0 - (r2 * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def ssc_descriptors(x: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+    """Differentiable batched SSC descriptor ``(B, 12, X, Y, Z)`` of ``x`` ``(B, 1, X, Y, Z)``: the
+    definition of :func:`brainshift.ssc.ssc_descriptor` (box patches of ``2*radius+1`` voxels, the
+    12 six-neighbour pairs ``dilation`` voxels out, minimum subtracted, divided by the local mean
+    distance clamped to ``[1e-3, 1e3]`` x its patch mean), written for autograd."""
+    from ..ssc import PAIRS
+
+    x = x.float()
+    d = int(dilation)
+    padded = F.pad(x, [d] * 6, mode="replicate")
+    n = x.shape[2:]
+
+    def shifted(off: tuple[int, int, int]) -> torch.Tensor:
+        i, j, k = (d + d * o for o in off)
+        return padded[:, :, i:i + n[0], j:j + n[1], k:k + n[2]]
+
+    dist = torch.cat([(shifted(a) - shifted(b)) ** 2 for a, b in PAIRS], dim=1)
+    size = 2 * radius + 1
+    dist = F.avg_pool3d(F.pad(dist, [radius] * 6, mode="replicate"), size, stride=1)
+    dist = dist - dist.min(dim=1, keepdim=True).values
+    var = dist.mean(dim=1, keepdim=True)
+    mean_var = var.mean(dim=(2, 3, 4), keepdim=True).detach().clamp_min(1e-12)
+    var = torch.minimum(torch.maximum(var, 1e-3 * mean_var), 1e3 * mean_var)
+    return torch.exp(-dist / var)
+
+
+def ssc_loss(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared difference of the SSC descriptors of ``a`` and ``b`` (the pipeline's SSC-MSE,
+    a structural, contrast-free comparison; structure-constrained CycleGANs use MIND alike),
+    over ``mask`` when given."""
+    sq = ((ssc_descriptors(a) - ssc_descriptors(b)) ** 2).mean(dim=1, keepdim=True)
+    if mask is None:
+        return sq.mean()
+    return (sq * mask).sum() / mask.sum().clamp_min(1.0)

@@ -67,6 +67,8 @@ def case_number(path: str | Path) -> str:
 
 def ius_files(folder: str | Path, hold_out: list[str]) -> tuple[list[Path], list[Path]]:
     """NIfTI files of a folder of real iUS volumes split into (training, held out) by case number."""
+    if not Path(folder).is_dir():
+        raise ValueError(f"{folder}: not a folder of real iUS volumes")
     files = sorted(p for p in Path(folder).iterdir() if p.name.endswith((".nii", ".nii.gz")))
     if not files:
         raise ValueError(f"{folder}: no .nii/.nii.gz iUS volume")

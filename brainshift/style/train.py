@@ -4,9 +4,11 @@ Domains: A = iUS, B = T1. Either the iUS (``_0000``) and T1 (``_0001``) of every
 simulated ReMIND2Reg-layout folder (``--data``), or real images (``--real-ius``, ``--real-t1``): real
 iUS volumes and real/template T1 cut to iUS fields of view, at a 1 mm working grid
 (:mod:`brainshift.style.real`); the working spacing is stored in the model for inference.
-Training is unpaired: each iteration draws the iUS patch and the T1 patch from independently
-chosen cases and centres (:class:`brainshift.style.data.PatchSampler`); no loss ever compares an
-iUS patch with the T1 of the same place.
+The CycleGAN terms are unpaired: each iteration draws the iUS patch and the T1 patch from
+independently chosen cases and centres (:class:`brainshift.style.data.PatchSampler`). Optionally
+(``--paired DIR``, ``lam_sup > 0``) simulated pairs with known truth add a supervised term: the T1
+pulled onto the iUS grid with the true field is the target of ``G`` at the same place
+(:func:`brainshift.style.data.load_paired_cases`); their iUS and T1 also join the two domains.
 
 Loss of the generators (``G``: US->T1, ``F``: T1->US; discriminators ``D_T1``, ``D_US``)::
 
@@ -14,6 +16,8 @@ Loss of the generators (``G``: US->T1, ``F``: T1->US; discriminators ``D_T1``, `
       + lam_cyc * (|F(G(a)) - a|_1 + |G(F(b)) - b|_1)
       + lam_idt * (|G(b) - b|_1 + |F(a) - a|_1)
       + lam_cor * (L_cor(a, G(a)) + L_cor(b, F(b)))         L_cor = 1 - mean(local NCC^2)
+      + lam_sup * (|G(p) - t|_1 + 1 - mean(local NCC(G(p), t)))  p, t: an aligned simulated pair
+      + lam_ssc * SSC-MSE(G(p), t)          the pipeline's structural measure (sharp, right edges)
 
 all restricted to the iUS field of view (outputs are set to -1 outside it). Optimiser AdamW
 (betas 0.5, 0.999), learning rate constant for the first half of the epochs and decayed linearly
@@ -40,13 +44,13 @@ import numpy as np
 import torch
 
 from ..training import CsvLog, Dist, progress as progress_bar, rng_state, save_atomic, set_rng_state
-from .data import PatchSampler, StyleCase, load_cases
+from .data import PatchSampler, StyleCase, load_cases, load_paired_cases
 from .evaluate import ncc
 from .infer import StyleModel, save_generator, synthesize_t1
-from .losses import correlation_loss, lsgan_loss, masked_l1
+from .losses import correlation_loss, local_ncc, lsgan_loss, masked_l1, ssc_loss
 from .networks import PatchGAN3D, UNet3D, count_parameters, init_weights, max_depth
 
-LOSS_KEYS = ("g_gan", "cycle", "identity", "corr", "g_total", "d_t1", "d_us")
+LOSS_KEYS = ("g_gan", "cycle", "identity", "corr", "sup", "ssc", "g_total", "d_t1", "d_us")
 
 
 @dataclass
@@ -56,6 +60,7 @@ class StyleTrainConfig:
     data: str = ""                  # simulated pairs (ReMIND2Reg layout), or:
     real_ius: str = ""              # a folder of real iUS volumes (iUS domain) ...
     real_t1: tuple[str, ...] = ()   # ... and whole-head T1 files cut to iUS fields of view (T1 domain)
+    paired: tuple[str, ...] = ()    # simulated folders with truth/: aligned pairs for the supervised term
     hold_out: tuple[str, ...] = ("4", "16", "27")   # real iUS case numbers kept out of training
     t1_crops: int = 24              # FOV-shaped crops per real T1 file
     mni_crops: int = 8              # FOV-shaped crops of the packaged MNI template
@@ -72,6 +77,9 @@ class StyleTrainConfig:
     lam_cyc: float = 10.0
     lam_idt: float = 5.0
     lam_cor: float = 1.0
+    lam_sup: float = 0.0            # supervised term on the paired cases (0: none)
+    lam_ssc: float = 0.0            # SSC-MSE term on the paired cases (0: none)
+    init_generator: str = ""        # start the US->T1 generator from these weights (a us2t1.pt)
     cor_window: int = 9
     val_every: int = 5              # epochs between validation PNGs (also after the last epoch)
     max_steps: int = 0              # stop after this many optimiser steps in total (0 = no limit)
@@ -140,13 +148,20 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
         from .real import real_cases
         cases, held_out = real_cases(cfg.real_ius, list(cfg.real_t1), list(cfg.hold_out), cfg.t1_crops,
                                      cfg.mni_crops, cfg.spacing, cfg.seed, cache_dir=out)
-    elif cases is None:
+    elif cases is None and cfg.data:
         cases = load_cases(cfg.data)
+    if cases is None:
+        cases = []
+    for folder in cfg.paired:   # resampled to the real data's working spacing when there is real data
+        cases = cases + load_paired_cases(folder, cfg.spacing if cfg.real_ius else None)
     g_ab = init_weights(UNet3D(cfg.base_width, cfg.depth)).to(dev)   # US -> T1
     g_ba = init_weights(UNet3D(cfg.base_width, cfg.depth)).to(dev)   # T1 -> US
     d_layers = 3 if cfg.patch >= 32 else 2  # small (test) patches: one layer less, output > 1 voxel
     d_t1 = init_weights(PatchGAN3D(cfg.base_width, d_layers)).to(dev)
     d_us = init_weights(PatchGAN3D(cfg.base_width, d_layers)).to(dev)
+    if cfg.init_generator and ckpt is None:
+        from .infer import load_style_model
+        g_ab.load_state_dict(load_style_model(cfg.init_generator, "cpu").net.state_dict())
     opt_g = torch.optim.AdamW(list(g_ab.parameters()) + list(g_ba.parameters()), lr=cfg.lr,
                               betas=(0.5, 0.999), weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(list(d_t1.parameters()) + list(d_us.parameters()), lr=cfg.lr,
@@ -209,7 +224,16 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
             cycle = masked_l1(rec_a, a, ma) + masked_l1(rec_b, b, mb)
             identity = masked_l1(idt_b, b, mb) + masked_l1(idt_a, a, ma)
             corr = correlation_loss(a, fake_b, ma, cfg.cor_window) + correlation_loss(b, fake_a, mb, cfg.cor_window)
-            g_total = g_gan + cfg.lam_cyc * cycle + cfg.lam_idt * identity + cfg.lam_cor * corr
+            sup = torch.zeros((), device=dev)
+            ssc = torch.zeros((), device=dev)
+            if (cfg.lam_sup > 0 or cfg.lam_ssc > 0) and sampler.paired:
+                p, t, mp = (torch.from_numpy(x).to(dev) for x in sampler.sample_paired(cfg.batch))
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                    pred = where_fov(g_ab(p), mp)
+                sup = masked_l1(pred, t, mp) + 1.0 - (local_ncc(pred, t, cfg.cor_window) * mp).sum() / mp.sum().clamp_min(1.0)
+                if cfg.lam_ssc > 0:
+                    ssc = ssc_loss(pred, t, mp)
+            g_total = g_gan + cfg.lam_cyc * cycle + cfg.lam_idt * identity + cfg.lam_cor * corr + cfg.lam_sup * sup + cfg.lam_ssc * ssc
             opt_g.zero_grad(set_to_none=True)
             g_total.backward()
             dist.average_gradients(list(g_ab.parameters()) + list(g_ba.parameters()))
@@ -225,7 +249,7 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
             dist.average_gradients(list(d_t1.parameters()) + list(d_us.parameters()))
             opt_d.step()
 
-            values = dict(g_gan=g_gan, cycle=cycle, identity=identity, corr=corr, g_total=g_total,
+            values = dict(g_gan=g_gan, cycle=cycle, identity=identity, corr=corr, sup=sup, ssc=ssc, g_total=g_total,
                           d_t1=d_t1_loss, d_us=d_us_loss)
             for key, v in values.items():
                 sums[key] += float(v.detach())
@@ -294,6 +318,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     src.add_argument("--real-ius", help="real data: a folder of real iUS volumes (e.g. ../shared/data/real_ius)")
     p.add_argument("--real-t1", nargs="*", default=[], help="with --real-ius: whole-head T1 files cut to iUS "
                    "fields of view for the T1 domain (e.g. ../shared/data/real_mr/ReMIND022_ceT1.nii.gz)")
+    p.add_argument("--paired", nargs="*", default=[], help="simulated folders with truth/ (brainshift simulate): "
+                   "aligned iUS/T1 pairs for the supervised term (--lam-sup) and both domains")
     p.add_argument("--hold-out", default=",".join(d.hold_out), help="real iUS case numbers kept out of training")
     p.add_argument("--t1-crops", type=int, default=d.t1_crops, help="FOV-shaped crops per --real-t1 file")
     p.add_argument("--mni-crops", type=int, default=d.mni_crops, help="FOV-shaped crops of the MNI template")
@@ -309,6 +335,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--lam-cyc", type=float, default=d.lam_cyc)
     p.add_argument("--lam-idt", type=float, default=d.lam_idt)
     p.add_argument("--lam-cor", type=float, default=d.lam_cor)
+    p.add_argument("--lam-sup", type=float, default=d.lam_sup, help="weight of the supervised term on --paired")
+    p.add_argument("--lam-ssc", type=float, default=d.lam_ssc, help="weight of the SSC-MSE term on --paired")
+    p.add_argument("--init-generator", default="", help="start the US->T1 generator from this us2t1.pt")
     p.add_argument("--val-every", type=int, default=d.val_every, help="epochs between validation PNGs")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many steps (0: no limit)")
     p.add_argument("--time-limit-min", type=float, default=d.time_limit_min, help="stop after this many minutes")
@@ -322,11 +351,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def config_from_args(args: argparse.Namespace) -> StyleTrainConfig:
     return StyleTrainConfig(
-        data=args.data or "", real_ius=args.real_ius or "", real_t1=tuple(args.real_t1),
+        data=args.data or "", real_ius=args.real_ius or "", real_t1=tuple(args.real_t1), paired=tuple(args.paired),
         hold_out=tuple(x for x in args.hold_out.split(",") if x), t1_crops=args.t1_crops, mni_crops=args.mni_crops,
         spacing=args.spacing, out=args.out, epochs=args.epochs, lr=args.lr, patch=args.patch, batch=args.batch,
         base_width=args.base_width, depth=args.depth, patches_per_volume=args.patches_per_volume,
-        lam_cyc=args.lam_cyc, lam_idt=args.lam_idt, lam_cor=args.lam_cor, val_every=args.val_every,
+        lam_cyc=args.lam_cyc, lam_idt=args.lam_idt, lam_cor=args.lam_cor, lam_sup=args.lam_sup, lam_ssc=args.lam_ssc,
+        init_generator=args.init_generator, val_every=args.val_every,
         max_steps=args.max_steps, time_limit_min=args.time_limit_min, device=args.device, amp=not args.no_amp,
         threads=args.threads, seed=args.seed, resume=args.resume)
 
