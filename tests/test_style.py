@@ -289,9 +289,9 @@ def test_learning_curve_plot_reads_the_trainer_log(tmp_path):
     from brainshift.style.evaluate import plot_losses
 
     log = tmp_path / "loss_log.csv"
-    log.write_text("epoch,step,lr,wall_s,g_gan,cycle,identity,corr,sup,g_total,d_t1,d_us,val_ncc_synth_t1,val_ncc_us_t1\n"
-                   "1,10,0.0002,5,1.0,0.5,0.0,0.9,1.1,9.0,0.3,0.3,nan,nan\n"
-                   "2,20,0.0001,10,0.9,0.4,0.0,0.8,0.7,7.0,0.2,0.2,nan,nan\n")
+    log.write_text("epoch,step,lr,wall_s,g_gan,cycle,identity,corr,sup,ssc,g_total,d_t1,d_us,val_ncc_synth_t1,val_ncc_us_t1\n"
+                   "1,10,0.0002,5,1.0,0.5,0.0,0.9,1.1,,9.0,0.3,0.3,nan,nan\n"       # ssc added on resuming
+                   "2,20,0.0001,10,0.9,0.4,0.0,0.8,0.7,0.1,7.0,0.2,0.2,nan,nan\n")
     plot_losses(str(tmp_path / "a.png"), str(log))
     plot_losses(str(tmp_path / "b.png"), str(log), {0: dict(ncc=0.1, ssc=0.15, ncc_raw=0.0, ssc_raw=0.14),
                                                     2: dict(ncc=0.4, ssc=0.12, ncc_raw=0.0, ssc_raw=0.14)})

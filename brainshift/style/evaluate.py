@@ -192,9 +192,12 @@ def plot_losses(path: str, log_csv: str, heldout: dict[int, dict[str, float]] | 
     steps = [int(r["step"]) for r in rows]
     fig, axes = plt.subplots(1, 2 if heldout else 1, figsize=(11 if heldout else 6, 4), squeeze=False)
     ax = axes[0, 0]
-    for key in ("g_gan", "cycle", "corr", "sup", "d_t1", "d_us"):
-        if key in rows[0] and any(float(r[key]) for r in rows):
-            ax.plot(steps, [float(r[key]) for r in rows], label=key)
+    def value(r: dict, key: str) -> float:   # a column added on resuming is empty in earlier rows
+        return float(r[key]) if r.get(key) else float("nan")
+
+    for key in ("g_gan", "cycle", "corr", "sup", "ssc", "d_t1", "d_us"):
+        if key in rows[0] and any(value(r, key) > 0 for r in rows):
+            ax.plot(steps, [value(r, key) for r in rows], label=key)
     ax.set(xlabel="optimiser step", ylabel="epoch mean", title="training losses")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
