@@ -50,7 +50,8 @@ def register(fixed: Volume, moving: Volume, method: str = "brainshift", stages: 
       (with ``network``, the trained network inside the iUS field of view, else a zero start; then,
       with ``large_shift``, a discrete search over displacements up to 12 mm for what the network
       left; then instance ``refine``ment on the pair;
-      kept only if the guard accepts it: SSC-MSE and LC2 against the raw iUS must both improve, the
+      kept only if the guard accepts it: SSC-MSE (by 5% when refined or searched) and LC2 against
+      the raw iUS must both improve, the
       discrete search run backward must find the same shift, and the field must be plausible).
 
     ``modality``: 't1', 't2' or 'mr' (moving contrast). ``fixed_mask``: the iUS field of view on the
@@ -110,6 +111,7 @@ def _brainshift(fixed: Volume, moving: Volume, stages: tuple[str, ...], modality
     steps["affine"] = disp
     if "deform" in stages:
         from .deform import discrete_field, guard, inverse_consistency, predict_field, refine_field
+        from .deform.guard import FITTED_MARGIN, UNFITTED_MARGIN
 
         t = time.perf_counter()
         fixed_reg = candidates[chosen].data
@@ -131,7 +133,10 @@ def _brainshift(fixed: Volume, moving: Volume, stages: tuple[str, ...], modality
             t1 = time.perf_counter()
             local = refine_field(fixed_reg, aligned, mask, init=local)
             times["refine"] = time.perf_counter() - t1
-        decision = guard(fixed_reg, aligned, mask, local, fixed.spacing, ius=fixed.data, inconsistency=inconsistency)
+        # a field fitted on this case's SSC must beat the affine result by a margin; the network's alone need not
+        margin = FITTED_MARGIN if (refine or large_shift) else UNFITTED_MARGIN
+        decision = guard(fixed_reg, aligned, mask, local, fixed.spacing, ius=fixed.data, inconsistency=inconsistency,
+                         margin=margin)
         outputs["deform_candidate"] = fields.compose(local, disp)   # kept or not (the bench scores both)
         if decision.kept:
             disp = outputs["deform_candidate"]

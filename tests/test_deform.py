@@ -44,7 +44,7 @@ def epe(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 def test_generator_is_deterministic_per_seed():
     cfg = syn.GeneratorConfig(shape=16, n_labels=8)
     a, b, c = syn.generate_pair(3, cfg), syn.generate_pair(3, cfg), syn.generate_pair(4, cfg)
-    assert set(a) == {"fixed", "moving", "fixed_labels", "moving_labels", "truth"}
+    assert set(a) == {"fixed", "moving", "fixed_labels", "moving_labels", "truth", "mask"}
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert not torch.equal(a["fixed"], c["fixed"])
@@ -59,6 +59,16 @@ def test_generator_truth_field_aligns_the_labels():
     before = syn.hard_dice(p["fixed_labels"], p["moving_labels"], None, 8)
     after = syn.hard_dice(p["fixed_labels"], p["moving_labels"], p["truth"], 8)
     assert after > before + 0.05
+
+
+def test_boundary_error_in_the_field_of_view_ignores_what_neither_image_shows():
+    """A field right inside the field of view and zero outside it: no in-FOV boundary error, some overall."""
+    cfg = syn.GeneratorConfig(shape=24, n_labels=8, mask_prob=1.0, svf_std_max=4.0)
+    p = syn.generate_pair(2, cfg)
+    inside = (p["mask"] > 0.5).float()
+    assert 0 < float(inside.mean()) < 1 and float(p["fixed"][inside == 0].abs().max()) < 0.5
+    m = syn.pair_metrics(p, p["truth"] * inside, 8)
+    assert m["bepe_fov"] < 1e-6 < m["bepe"]
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -112,6 +122,22 @@ def test_training_checkpoints_and_resumes_exactly(tmp_path):
     disp = deform.predict_field(fixed, moving, mask, model=model, margin_vox=2)
     assert disp.shape == (24, 24, 24, 3) and disp.dtype == np.float32
     assert np.all(disp[:5] == 0) and np.all(disp[:, 19:] == 0)
+
+
+def test_warm_start_copies_the_weights_and_rejects_another_architecture(tmp_path):
+    """``init_weights``: the new run's network starts as the saved one (same field), with a fresh optimiser
+    and its own iteration count; weights of another architecture are a clear error."""
+    st.train(_tiny_config(tmp_path / "first", 2), progress_bar=False)
+    first = tmp_path / "first" / f"{st.model_stem(0.5)}.pt"
+    cfg = _tiny_config(tmp_path / "warm", 1, init_weights=str(first))
+    net = dn.build_network(cfg.net)
+    st.init_from(net, first)
+    saved = torch.load(first, weights_only=False)["model"]
+    assert all(torch.equal(net.state_dict()[k], saved[k]) for k in saved)
+    card = st.train(cfg, progress_bar=False)
+    assert card["iterations"] == 1 and card["config"]["init_weights"] == str(first)
+    with pytest.raises(ValueError, match="do not fit"):
+        st.init_from(dn.build_network(dn.NetConfig(radius=1, width=8, features=8)), first)
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
@@ -220,6 +246,20 @@ def test_guard_accepts_a_good_field_and_rejects_bad_ones():
 
     nothing = deform.guard(fixed, moving, mask, np.zeros_like(truth), spacing_mm=1.0)
     assert not nothing.kept and "does not improve" in nothing.reason
+
+
+def test_guard_margin_for_fitted_and_unfitted_fields():
+    """A small right field lowers SSC-MSE by a few %: enough for the network alone (no margin), not for a field
+    fitted on SSC (5%); the same field reversed raises SSC-MSE and is rejected under either."""
+    from brainshift.deform.guard import FITTED_MARGIN, UNFITTED_MARGIN
+
+    fixed, moving, mask, truth = smooth_pair()
+    small = 0.04 * truth
+    unfitted = deform.guard(fixed, moving, mask, small, spacing_mm=1.0, margin=UNFITTED_MARGIN)
+    fitted = deform.guard(fixed, moving, mask, small, spacing_mm=1.0, margin=FITTED_MARGIN)
+    assert 0 < 1 - unfitted.ssc_after / unfitted.ssc_before < FITTED_MARGIN
+    assert unfitted.kept and not fitted.kept and "by 5%" in fitted.reason
+    assert not deform.guard(fixed, moving, mask, -small, spacing_mm=1.0, margin=UNFITTED_MARGIN).kept
 
 
 def test_guard_rejects_a_field_that_fools_ssc_but_not_lc2():

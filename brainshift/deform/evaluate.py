@@ -53,11 +53,16 @@ def plot_curves(out: str | Path, logs: list[tuple[str, Path]]) -> None:
             rows = [r for r in csv.DictReader(fh) if r.get("val_dice_after")]
         it = [int(r["iteration"]) for r in rows]
         axes[0].plot(it, [float(r["val_dice_after"]) - float(r["val_dice_before"]) for r in rows], label=name)
-        axes[1].plot(it, [float(r["val_bepe_after"]) / float(r["val_bepe_before"]) for r in rows], label=name)
+        line, = axes[1].plot(it, [float(r["val_bepe_after"]) / float(r["val_bepe_before"]) for r in rows], label=name)
+        fov = [r for r in rows if r.get("val_bepe_fov_after")]   # logged since session 19: dashed
+        if fov:
+            axes[1].plot([int(r["iteration"]) for r in fov], [float(r["val_bepe_fov_after"]) /
+                         float(r["val_bepe_fov_before"]) for r in fov], ls="--", color=line.get_color())
     axes[0].axhline(0.05, color="k", ls=":", lw=1)
     axes[1].axhline(0.7, color="k", ls=":", lw=1)
     axes[0].set(xlabel="iteration", ylabel="Dice gain over identity", title="held-out synthetic pairs: Dice")
-    axes[1].set(xlabel="iteration", ylabel="boundary EPE / identity's", title="endpoint error near label boundaries")
+    axes[1].set(xlabel="iteration", ylabel="boundary EPE / identity's",
+                title="EPE near label boundaries (dashed: in the FOV)")
     for ax in axes:
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
@@ -83,14 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     net, gen, card = load_trained(args.model)
     print(f"model: {card.get('architecture', '?')}, {card.get('iterations', '?')} iterations, shape {gen.shape}")
     print("| held-out pairs | n | Dice identity | Dice network | EPE identity | EPE network | boundary EPE identity "
-          "| boundary EPE network | ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| boundary EPE network | ratio | in the FOV: identity | network | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, g in (("training mixture", gen), ("related contrasts", replace(gen, related_prob=1.0)),
                     ("independent contrasts", replace(gen, related_prob=0.0, same_contrast_prob=0.0))):
         m = evaluate(net, g, args.pairs)
         print(f"| {name} | {args.pairs} | {m['dice_before']:.3f} | {m['dice_after']:.3f} | {m['epe_before']:.2f} | "
               f"{m['epe_after']:.2f} | {m['bepe_before']:.2f} | {m['bepe_after']:.2f} | "
-              f"{m['bepe_after'] / m['bepe_before']:.2f} |")
+              f"{m['bepe_after'] / m['bepe_before']:.2f} | {m['bepe_fov_before']:.2f} | {m['bepe_fov_after']:.2f} | "
+              f"{m['bepe_fov_after'] / m['bepe_fov_before']:.2f} |")
     return 0
 
 

@@ -132,7 +132,8 @@ def generate_pair(seed: int, cfg: GeneratorConfig | None = None, batch: int = 1,
 
     Returns ``moving``/``fixed`` images ``(B,1,n,n,n)`` in [0,1], ``moving_labels``/
     ``fixed_labels`` integer maps ``(B,1,n,n,n)`` (int64), and ``truth``, the true pull field
-    ``(B,3,n,n,n)`` (voxels) from the fixed to the moving grid: both maps are the same smooth noise
+    ``(B,3,n,n,n)`` (voxels) from the fixed to the moving grid, and ``mask`` ``(B,1,n,n,n)`` in [0, 1],
+    the common field of view both images were multiplied by (ones without one): both maps are the same smooth noise
     seen through ``phi_f`` and ``phi_m`` (exponentials of random SVFs), so
     ``truth = d_f + d_m_inv o phi_f`` with ``d_m_inv = exp(-v_m) - id``. Random numbers are drawn on
     the CPU (so a seed gives the same pair on every device) and moved to ``device``.
@@ -167,6 +168,7 @@ def generate_pair(seed: int, cfg: GeneratorConfig | None = None, batch: int = 1,
                 means[name] = (linked + 0.1 * torch.randn(linked.shape, generator=g)).clamp(0, 1)
             img = _synth_image(gc, out[f"{name}_labels"].cpu(), cfg, means[name]).to(device)
             out[name] = img * mask if mask is not None else img
+        out["mask"] = mask.expand_as(out["fixed"]).clone() if mask is not None else torch.ones_like(out["fixed"])
     return out
 
 
@@ -225,13 +227,16 @@ def boundary_mask(labels: torch.Tensor, width: int = 1) -> torch.Tensor:
 def pair_metrics(pair: dict[str, torch.Tensor], disp: torch.Tensor | None, n_labels: int) -> dict[str, float]:
     """Dice, endpoint error (EPE, working voxels) over the grid and near label boundaries, for ``disp``.
 
-    ``disp`` None is the identity. Boundaries are those of the fixed label map (:func:`boundary_mask`).
+    ``disp`` None is the identity. Boundaries are those of the fixed label map (:func:`boundary_mask`):
+    ``bepe`` over the whole grid, ``bepe_fov`` only inside the field of view (``pair["mask"] > 0.5``),
+    where the images show the boundaries at all (outside it both images are zero).
     """
     err = pair["truth"] if disp is None else disp - pair["truth"]
     norm = err.norm(dim=1, keepdim=True)
     edge = boundary_mask(pair["fixed_labels"])
+    seen = edge & (pair["mask"] > 0.5) if "mask" in pair else edge
     return {"dice": hard_dice(pair["fixed_labels"], pair["moving_labels"], disp, n_labels),
-            "epe": float(norm.mean()), "bepe": float(norm[edge].mean())}
+            "epe": float(norm.mean()), "bepe": float(norm[edge].mean()), "bepe_fov": float(norm[seen].mean())}
 
 
 @torch.no_grad()

@@ -40,7 +40,8 @@ from .synthetic import (VAL_SEED_BASE, GeneratorConfig, generate_pair, grad_pena
                         soft_dice_loss, warp)
 
 LOG_HEADER = ["iteration", "loss", "dice_loss", "grad", "sup", "wall_s", "val_dice_before", "val_dice_after",
-              "val_epe_before", "val_epe_after", "val_bepe_before", "val_bepe_after"]
+              "val_epe_before", "val_epe_after", "val_bepe_before", "val_bepe_after", "val_bepe_fov_before",
+              "val_bepe_fov_after"]
 
 
 @dataclass
@@ -64,6 +65,7 @@ class TrainConfig:
     sup_decay: int = 0         # iterations over which it decays linearly to 0 (0: kept for the whole run)
     same_warmup: int = 0       # curriculum: same-contrast probability decays 1 -> generator's value
     time_limit_min: float = 0  # stop (checkpoint first) after this many minutes (0: no limit)
+    init_weights: str = ""     # start from this model's weights (a synthmorph_l*.pt), with a fresh optimiser
     resume: bool = False
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     net: NetConfig = field(default_factory=NetConfig)
@@ -131,6 +133,15 @@ def validate(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return held_out_metrics(model, cfg.generator, range(VAL_SEED_BASE, VAL_SEED_BASE + cfg.val_pairs), device)
 
 
+def init_from(model: torch.nn.Module, path: str | Path) -> None:
+    """Copy the weights of a saved model (``synthmorph_l*.pt``) into ``model`` (same architecture)."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not fit this network ({err})") from None
+
+
 def _cfg_dict(cfg: TrainConfig) -> dict:
     d = asdict(cfg)
     d.pop("resume", None)
@@ -158,6 +169,8 @@ def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = build_network(cfg.net).to(device)
+    if cfg.init_weights and not (cfg.resume and ckpt_path.is_file()):
+        init_from(model, cfg.init_weights)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             eps=1e-8 if cfg.net.design == "corr" else 1e-12)
     start, wall_before, val = 0, 0.0, {}
@@ -195,7 +208,7 @@ def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
         done = it + 1
         wall = wall_before + time.time() - t0
         values = [dist.mean(x) for x in (loss, dice_l, reg, sup)]
-        row = [done, *(f"{v:.6f}" for v in values), f"{wall:.1f}"] + [""] * 6
+        row = [done, *(f"{v:.6f}" for v in values), f"{wall:.1f}"] + [""] * 8
         # ranks must agree on when to stop: the decision is the mean of their clocks' verdicts
         out_of_time = bool(cfg.time_limit_min) and dist.mean(torch.tensor(
             float(time.time() - t0 > 60 * cfg.time_limit_min))) > 0
@@ -203,7 +216,7 @@ def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
         if dist.main and cfg.val_every and (done % cfg.val_every == 0 or last):
             val = validate(model, cfg, device)
             row[6:] = [f"{val[k]:.4f}" for k in ("dice_before", "dice_after", "epe_before", "epe_after",
-                                                  "bepe_before", "bepe_after")]
+                                                  "bepe_before", "bepe_after", "bepe_fov_before", "bepe_fov_after")]
         log.row(row)
         bar.set_postfix(loss=f"{values[0]:.3f}", dice=f"{1 - values[1]:.3f}", sup=f"{values[3]:.2f}")
         if done % cfg.checkpoint_every == 0 or last:
@@ -233,7 +246,8 @@ def make_card(cfg: TrainConfig, model: torch.nn.Module, iteration: int, wall: fl
         "validation": {"pairs": cfg.val_pairs, "seeds": f"{VAL_SEED_BASE}..{VAL_SEED_BASE + cfg.val_pairs - 1}",
                        **{k: round(v, 4) for k, v in val.items()},
                        "note": "hard Dice of nearest-warped labels; EPE = mean endpoint error vs the true field "
-                               "(working voxels), bepe = EPE within 1 voxel of a fixed-label boundary"},
+                               "(working voxels), bepe = EPE within 1 voxel of a fixed-label boundary, "
+                               "bepe_fov = the same inside the field of view"},
         "loss": f"(1-lam)*(1-softDice) + lam*0.5*mean|grad u|^2 + {cfg.sup_weight}*mean|u-truth|^2"
                 + (f" decaying to 0 over {cfg.sup_decay} it" if cfg.sup_decay else " (whole run)")
                 + (f"; curriculum: same-contrast probability 1 -> {cfg.generator.same_contrast_prob} over "
@@ -266,6 +280,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--radius", type=int, default=n.radius, help="corr: search radius (half-resolution voxels)")
     p.add_argument("--width", type=int, default=n.width, help="corr: encoder/regulariser width")
     p.add_argument("--no-ssc", action="store_true", help="corr: learned features only (no SSC input)")
+    p.add_argument("--init-weights", default="",
+                   help="start from this model's weights (synthmorph_l*.pt of the same design; fresh optimiser)")
     p.add_argument("--features", default=",".join(map(str, n.nb_features)), help="unet: features per level")
     p.add_argument("--sup-weight", type=float, default=d.sup_weight, help="weight of the supervised field term")
     p.add_argument("--sup-decay", type=int, default=d.sup_decay, help="iterations over which it decays (0: kept)")
@@ -290,6 +306,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         device=args.device, threads=args.threads, workers=args.workers, checkpoint_every=args.checkpoint_every,
         val_every=args.val_every, val_pairs=args.val_pairs, sup_weight=args.sup_weight, sup_decay=args.sup_decay,
         same_warmup=args.same_warmup, time_limit_min=args.time_limit_min, resume=args.resume,
+        init_weights=args.init_weights,
         generator=GeneratorConfig(shape=args.shape, n_labels=args.labels, svf_std_max=args.svf_std,
                                   related_prob=args.related),
         net=NetConfig(design=args.design, radius=args.radius, width=args.width, ssc_input=not args.no_ssc,
