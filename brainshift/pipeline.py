@@ -142,7 +142,7 @@ def _brainshift(fixed: Volume, moving: Volume, stages: tuple[str, ...], modality
             disp = outputs["deform_candidate"]
         steps["deform"] = disp
         record["stages"]["deform"] = {**decision.as_dict(), "network": network, "refine": refine, "large_shift": large_shift,
-                                      "regularisation": regularisation, "step_seconds": times,
+                                      "regularisation": regularisation, "ssc_margin": margin, "step_seconds": times,
                                       "seconds": time.perf_counter() - t}
     return disp
 

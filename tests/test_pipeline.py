@@ -57,6 +57,7 @@ def test_full_method_records_every_stage_and_guard(small_case):
     assert st["affine"]["fixed_image"] in ("synthetic_t1", "ius")
     assert {c["fixed_image"] for c in st["affine"]["candidates"]} == {"synthetic_t1", "ius"}  # both were tried
     assert {"kept", "reason", "ssc_before", "ssc_after", "folds"} <= set(st["deform"])
+    assert st["deform"]["ssc_margin"] == 0.05        # a refined field is fitted on SSC: it must beat affine by 5%
     steps = result.stage_outputs["fields"]
     assert np.array_equal(result.disp, steps["deform"])
     tre = {k: evaluate_case(case, v) for k, v in steps.items()}

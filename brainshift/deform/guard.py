@@ -14,8 +14,8 @@ from ..ssc import ssc_mse
 # refinement optimises SSC, the discrete search an SSC cost) lowers SSC-MSE whether or not it is
 # right, so it must beat the affine result by 5%. The network alone is not fitted to the case: its
 # SSC-MSE is an independent witness and any decrease counts (with LC2 agreeing). Chosen on
-# development seeds 1-2 (9 pairs, docs/MEASUREMENTS.md session 19): the network's field lowered TRE
-# on 6 of 9 with SSC-MSE changes of -1.0 to -6.7%, and a 5% margin kept 2 of them.
+# development seeds 1-2 (10 pairs, docs/MEASUREMENTS.md session 19): the network's field lowered TRE
+# on 7 of 10 with SSC-MSE changes of -1.0 to -6.7%, and a 5% margin kept 2 of them.
 FITTED_MARGIN = 0.05
 UNFITTED_MARGIN = 0.0
 

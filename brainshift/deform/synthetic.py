@@ -132,10 +132,10 @@ def generate_pair(seed: int, cfg: GeneratorConfig | None = None, batch: int = 1,
 
     Returns ``moving``/``fixed`` images ``(B,1,n,n,n)`` in [0,1], ``moving_labels``/
     ``fixed_labels`` integer maps ``(B,1,n,n,n)`` (int64), and ``truth``, the true pull field
-    ``(B,3,n,n,n)`` (voxels) from the fixed to the moving grid, and ``mask`` ``(B,1,n,n,n)`` in [0, 1],
-    the common field of view both images were multiplied by (ones without one): both maps are the same smooth noise
+    ``(B,3,n,n,n)`` (voxels) from the fixed to the moving grid: both maps are the same smooth noise
     seen through ``phi_f`` and ``phi_m`` (exponentials of random SVFs), so
-    ``truth = d_f + d_m_inv o phi_f`` with ``d_m_inv = exp(-v_m) - id``. Random numbers are drawn on
+    ``truth = d_f + d_m_inv o phi_f`` with ``d_m_inv = exp(-v_m) - id``; and ``mask`` ``(B,1,n,n,n)``
+    in [0, 1], the common field of view both images were multiplied by (ones without one). Random numbers are drawn on
     the CPU (so a seed gives the same pair on every device) and moved to ``device``.
     """
     cfg = cfg or GeneratorConfig()
