@@ -42,6 +42,7 @@ from .synthetic import (VAL_SEED_BASE, GeneratorConfig, generate_pair, grad_pena
 LOG_HEADER = ["iteration", "loss", "dice_loss", "grad", "sup", "wall_s", "val_dice_before", "val_dice_after",
               "val_epe_before", "val_epe_after", "val_bepe_before", "val_bepe_after", "val_bepe_fov_before",
               "val_bepe_fov_after"]
+VAL_KEYS = [h[len("val_"):] for h in LOG_HEADER if h.startswith("val_")]   # validate()'s keys, in log order
 
 
 @dataclass
@@ -208,15 +209,14 @@ def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
         done = it + 1
         wall = wall_before + time.time() - t0
         values = [dist.mean(x) for x in (loss, dice_l, reg, sup)]
-        row = [done, *(f"{v:.6f}" for v in values), f"{wall:.1f}"] + [""] * 8
+        row = [done, *(f"{v:.6f}" for v in values), f"{wall:.1f}"] + [""] * len(VAL_KEYS)
         # ranks must agree on when to stop: the decision is the mean of their clocks' verdicts
         out_of_time = bool(cfg.time_limit_min) and dist.mean(torch.tensor(
             float(time.time() - t0 > 60 * cfg.time_limit_min))) > 0
         last = done == cfg.iterations or out_of_time
         if dist.main and cfg.val_every and (done % cfg.val_every == 0 or last):
             val = validate(model, cfg, device)
-            row[6:] = [f"{val[k]:.4f}" for k in ("dice_before", "dice_after", "epe_before", "epe_after",
-                                                  "bepe_before", "bepe_after", "bepe_fov_before", "bepe_fov_after")]
+            row[-len(VAL_KEYS):] = [f"{val[k]:.4f}" for k in VAL_KEYS]
         log.row(row)
         bar.set_postfix(loss=f"{values[0]:.3f}", dice=f"{1 - values[1]:.3f}", sup=f"{values[3]:.2f}")
         if done % cfg.checkpoint_every == 0 or last:
