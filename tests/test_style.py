@@ -313,3 +313,67 @@ def test_csv_log_resumed_under_a_new_header_keeps_old_rows_by_column(tmp_path):
     rows = list(csv.DictReader(open(path)))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert rows[1] == {"epoch": "2", "a": "20", "new": "", "b": "200"} and rows[2]["new"] == "0.5"
+
+
+def test_appearance_scores_a_perfect_synthetic_t1_best_despite_the_fov_border():
+    """A synthetic T1 equal to the true T1 inside the field of view (0 outside, as inference writes
+    it) scores SSC-MSE 0 and beats a noise image; against the T1 left running past the border (the
+    ``_open`` columns) the same perfect image scores a false step at the edge."""
+    from brainshift.style.evaluate import appearance
+
+    rng = np.random.default_rng(4)
+    t1 = gaussian_filter(rng.random((40, 40, 40)), 2).astype(np.float32) + 0.5
+    fov = np.zeros(t1.shape, bool)
+    fov[6:34, 6:34, 6:34] = True
+    us = np.where(fov, rng.random(t1.shape) + 0.01, 0).astype(np.float32)
+    perfect = np.where(fov, t1, 0).astype(np.float32)
+    r = appearance(perfect, us, t1)
+    assert r["ssc_synth_t1"] < 1e-6 < 0.01 < r["ssc_us_t1"]
+    assert r["ncc_synth_t1"] > 0.999 > 0.2 > r["ncc_us_t1"]
+    assert r["ssc_synth_t1_open"] > 0.01
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_resize_upsampling_leaves_no_checkerboard(seed):
+    """On a smooth input, a randomly initialised U-Net with transposed convolutions puts a period-2
+    pattern (the Nyquist component along an axis) into its output; trilinear resizing + a 3^3
+    convolution does not."""
+    from brainshift.style.networks import init_weights
+
+    x = gaussian_filter(np.random.default_rng(seed).standard_normal((32, 32, 32)), 4).astype(np.float32)
+    x = torch.from_numpy(x / np.abs(x).max())[None, None]
+
+    def checkerboard(upsample: str) -> float:
+        torch.manual_seed(seed)
+        net = init_weights(UNet3D(base=4, depth=3, upsample=upsample), gain=0.2).eval()
+        with torch.no_grad():
+            y = net(x)[0, 0, 4:-4, 4:-4, 4:-4]
+        sign = (-1.0) ** torch.arange(y.shape[0], dtype=torch.float32)
+        return max(float((y * sign.reshape(shape)).mean().abs()) for shape in ((-1, 1, 1), (1, -1, 1), (1, 1, -1))) / float(y.std())
+
+    assert checkerboard("transpose") > 0.1 > 0.05 > checkerboard("resize")
+
+
+def test_resize_generator_saves_loads_and_starts_from_a_transpose_encoder(tmp_path):
+    """A resize-decoder generator keeps its decoder type through save/load, and a run started from
+    a transpose-decoder file copies the encoder (same tensors) and leaves the decoder fresh."""
+    from brainshift.style.infer import save_generator
+    from brainshift.style.networks import load_matching
+
+    net = UNet3D(base=2, depth=4, upsample="resize").eval()
+    path = save_generator(tmp_path / "g.pt", net, 16)
+    loaded = load_style_model(path, device="cpu")
+    assert loaded.net.upsample == "resize"
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), net(x))
+    old = UNet3D(base=2, depth=4, upsample="transpose")
+    fresh = UNet3D(base=2, depth=4, upsample="resize")
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    n = load_matching(fresh, old.state_dict())
+    encoder = [k for k in before if k.startswith("down.")]
+    assert n == len(encoder) > 0                       # the encoder, and nothing of the decoder
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, old.state_dict()[k] if k in encoder else before[k])
+    with pytest.raises(ValueError, match="upsample"):
+        UNet3D(base=2, depth=4, upsample="nearest")

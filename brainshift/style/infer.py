@@ -47,7 +47,7 @@ def save_generator(path: str | os.PathLike, net: UNet3D, patch: int, meta: dict 
     """Write the inference file: generator config, float32 weights, metadata (atomic rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    obj = {"arch": "UNet3D", "base": net.base, "depth": net.depth, "patch": int(patch),
+    obj = {"arch": "UNet3D", "base": net.base, "depth": net.depth, "upsample": net.upsample, "patch": int(patch),
            "state_dict": {k: v.detach().cpu().float() for k, v in net.state_dict().items()}, "meta": meta or {}}
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
@@ -64,9 +64,9 @@ def load_style_model(path: str | os.PathLike | None = None, device: str | torch.
     obj = torch.load(path, map_location="cpu", weights_only=False)
     if "g_us2t1" in obj:  # a training checkpoint
         cfg = obj["config"]
-        obj = {"base": cfg["base_width"], "depth": cfg["depth"], "patch": cfg["patch"],
+        obj = {"base": cfg["base_width"], "depth": cfg["depth"], "upsample": cfg.get("upsample", "transpose"), "patch": cfg["patch"],
                "state_dict": obj["g_us2t1"], "meta": {"epoch": obj["epoch"], "step": obj["step"]}}
-    net = UNet3D(base=obj["base"], depth=obj["depth"])
+    net = UNet3D(base=obj["base"], depth=obj["depth"], upsample=obj.get("upsample", "transpose"))   # older files: transpose
     net.load_state_dict(obj["state_dict"])
     model = StyleModel(net, obj["patch"], obj.get("meta"))
     model.eval()

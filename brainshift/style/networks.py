@@ -4,11 +4,14 @@ Tensors are ``(B, C, X, Y, Z)``; intensities are normalised to ``[-1, 1]`` (see
 :mod:`brainshift.style.data`), ``-1`` being "no signal / outside the iUS field of view".
 
 The generator follows the CycleGAN/pix2pix U-Net (Isola et al.) in 3D: ``depth`` down-sampling
-steps (4^3 convolution, stride 2), each halving the size, then as many transposed convolutions
-with skip connections. The paper uses 7 levels, which reduces a 128^3 patch to 1^3; the input side
-must be divisible by ``2**depth`` (a 64^3 patch allows at most 6 levels, 32^3 at most 5).
-``base`` is the width of the first level; level ``l`` has ``base * 2**l`` channels capped at
-``base * 8``, as in pix2pix.
+steps (4^3 convolution, stride 2), each halving the size, then as many up-sampling steps with skip
+connections: transposed convolutions (4^3, stride 2; pix2pix, ``upsample="transpose"``), or
+trilinear x2 resizing followed by a 3^3 convolution (``upsample="resize"``), which cannot make the
+period-2 checkerboard that a transposed convolution leaves when its 8 output phases learn unequal
+gains (Odena et al. 2016, "Deconvolution and checkerboard artifacts"). The paper uses 7 levels,
+which reduces a 128^3 patch to 1^3; the input side must be divisible by ``2**depth`` (a 64^3 patch
+allows at most 6 levels, 32^3 at most 5). ``base`` is the width of the first level; level ``l`` has
+``base * 2**l`` channels capped at ``base * 8``, as in pix2pix.
 """
 from __future__ import annotations
 
@@ -25,14 +28,30 @@ def max_depth(patch: int) -> int:
     return d
 
 
+UPSAMPLE = ("transpose", "resize")
+
+
+def load_matching(net: nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """Copy the tensors of ``state`` whose name and shape match ``net``'s (e.g. the encoder of a
+    generator with the other ``upsample``); the rest keep their values. Returns how many matched."""
+    own = net.state_dict()
+    hits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    own.update(hits)
+    net.load_state_dict(own)
+    return len(hits)
+
+
 class UNet3D(nn.Module):
     """U-Net generator, 1 channel in, 1 channel out (tanh, range ``[-1, 1]``)."""
 
-    def __init__(self, base: int = 8, depth: int = 7, in_ch: int = 1, out_ch: int = 1, dropout: float = 0.0):
+    def __init__(self, base: int = 8, depth: int = 7, in_ch: int = 1, out_ch: int = 1, dropout: float = 0.0,
+                 upsample: str = "transpose"):
         super().__init__()
         if depth < 1:
             raise ValueError("depth must be at least 1")
-        self.base, self.depth = base, depth
+        if upsample not in UPSAMPLE:
+            raise ValueError(f"upsample must be one of {UPSAMPLE}, not {upsample!r}")
+        self.base, self.depth, self.upsample = base, depth, upsample
         widths = [base * min(2 ** level, 8) for level in range(depth)]
         self.down = nn.ModuleList()
         prev = in_ch
@@ -49,7 +68,12 @@ class UNet3D(nn.Module):
         for level in reversed(range(depth)):
             w_in = widths[level] if level == depth - 1 else 2 * widths[level]
             w_out = out_ch if level == 0 else widths[level - 1]
-            layers = [nn.ReLU(inplace=True), nn.ConvTranspose3d(w_in, w_out, 4, stride=2, padding=1, bias=level == 0)]
+            layers = [nn.ReLU(inplace=True)]
+            if upsample == "transpose":
+                layers.append(nn.ConvTranspose3d(w_in, w_out, 4, stride=2, padding=1, bias=level == 0))
+            else:
+                layers += [nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+                           nn.Conv3d(w_in, w_out, 3, padding=1, bias=level == 0)]
             if level > 0:
                 layers.append(nn.InstanceNorm3d(w_out, affine=True))
                 if dropout > 0 and level >= depth - 3:

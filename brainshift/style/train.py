@@ -48,7 +48,7 @@ from .data import PatchSampler, StyleCase, load_cases, load_paired_cases
 from .evaluate import ncc
 from .infer import StyleModel, save_generator, synthesize_t1
 from .losses import correlation_loss, local_ncc, lsgan_loss, masked_l1, ssc_loss
-from .networks import PatchGAN3D, UNet3D, count_parameters, init_weights, max_depth
+from .networks import UPSAMPLE, PatchGAN3D, UNet3D, count_parameters, init_weights, load_matching, max_depth
 
 LOSS_KEYS = ("g_gan", "cycle", "identity", "corr", "sup", "ssc", "g_total", "d_t1", "d_us")
 
@@ -73,6 +73,7 @@ class StyleTrainConfig:
     batch: int = 1
     base_width: int = 8
     depth: int = 0                  # U-Net levels; 0 = min(7, deepest the patch allows) (paper: 7)
+    upsample: str = "transpose"     # U-Net up-sampling: "transpose" (pix2pix) or "resize" (no checkerboard)
     patches_per_volume: int = 4     # defines an epoch
     lam_cyc: float = 10.0
     lam_idt: float = 5.0
@@ -133,8 +134,8 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
     if cfg.resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         saved = ckpt["config"]
-        for key in ("patch", "base_width", "depth"):  # the architecture comes from the checkpoint
-            setattr(cfg, key, saved[key])
+        for key in ("patch", "base_width", "depth", "upsample"):  # the architecture comes from the checkpoint
+            setattr(cfg, key, saved.get(key, "transpose"))       # (only "upsample" can be missing: older runs)
     if cfg.depth <= 0:
         cfg.depth = min(7, max_depth(cfg.patch))
     if cfg.patch % (2 ** cfg.depth):
@@ -154,14 +155,21 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
         cases = []
     for folder in cfg.paired:   # resampled to the real data's working spacing when there is real data
         cases = cases + load_paired_cases(folder, cfg.spacing if cfg.real_ius else None)
-    g_ab = init_weights(UNet3D(cfg.base_width, cfg.depth)).to(dev)   # US -> T1
-    g_ba = init_weights(UNet3D(cfg.base_width, cfg.depth)).to(dev)   # T1 -> US
+    g_ab = init_weights(UNet3D(cfg.base_width, cfg.depth, upsample=cfg.upsample)).to(dev)   # US -> T1
+    g_ba = init_weights(UNet3D(cfg.base_width, cfg.depth, upsample=cfg.upsample)).to(dev)   # T1 -> US
     d_layers = 3 if cfg.patch >= 32 else 2  # small (test) patches: one layer less, output > 1 voxel
     d_t1 = init_weights(PatchGAN3D(cfg.base_width, d_layers)).to(dev)
     d_us = init_weights(PatchGAN3D(cfg.base_width, d_layers)).to(dev)
     if cfg.init_generator and ckpt is None:
         from .infer import load_style_model
-        g_ab.load_state_dict(load_style_model(cfg.init_generator, "cpu").net.state_dict())
+        start = load_style_model(cfg.init_generator, "cpu").net
+        if start.upsample == cfg.upsample:
+            g_ab.load_state_dict(start.state_dict())
+        else:   # another decoder: take the encoder (and whatever else has the same name and shape)
+            n = load_matching(g_ab, start.state_dict())
+            if dist.main:
+                print(f"--init-generator: {n} of {len(g_ab.state_dict())} tensors copied (upsample "
+                      f"{start.upsample} -> {cfg.upsample}: the decoder starts fresh)")
     opt_g = torch.optim.AdamW(list(g_ab.parameters()) + list(g_ba.parameters()), lr=cfg.lr,
                               betas=(0.5, 0.999), weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(list(d_t1.parameters()) + list(d_us.parameters()), lr=cfg.lr,
@@ -331,6 +339,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--base-width", type=int, default=d.base_width, help="channels of the first U-Net level")
     p.add_argument("--depth", type=int, default=d.depth, help="U-Net levels (0: min(7, what the patch allows))")
+    p.add_argument("--upsample", choices=UPSAMPLE, default=d.upsample, help="U-Net up-sampling: transposed "
+                   "convolutions (pix2pix) or trilinear resizing + 3^3 convolution (no checkerboard)")
     p.add_argument("--patches-per-volume", type=int, default=d.patches_per_volume, help="defines an epoch")
     p.add_argument("--lam-cyc", type=float, default=d.lam_cyc)
     p.add_argument("--lam-idt", type=float, default=d.lam_idt)
@@ -354,7 +364,7 @@ def config_from_args(args: argparse.Namespace) -> StyleTrainConfig:
         data=args.data or "", real_ius=args.real_ius or "", real_t1=tuple(args.real_t1), paired=tuple(args.paired),
         hold_out=tuple(x for x in args.hold_out.split(",") if x), t1_crops=args.t1_crops, mni_crops=args.mni_crops,
         spacing=args.spacing, out=args.out, epochs=args.epochs, lr=args.lr, patch=args.patch, batch=args.batch,
-        base_width=args.base_width, depth=args.depth, patches_per_volume=args.patches_per_volume,
+        base_width=args.base_width, depth=args.depth, upsample=args.upsample, patches_per_volume=args.patches_per_volume,
         lam_cyc=args.lam_cyc, lam_idt=args.lam_idt, lam_cor=args.lam_cor, lam_sup=args.lam_sup, lam_ssc=args.lam_ssc,
         init_generator=args.init_generator, val_every=args.val_every,
         max_steps=args.max_steps, time_limit_min=args.time_limit_min, device=args.device, amp=not args.no_amp,
