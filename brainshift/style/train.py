@@ -134,8 +134,9 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
     if cfg.resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         saved = ckpt["config"]
-        for key in ("patch", "base_width", "depth", "upsample"):  # the architecture comes from the checkpoint
-            setattr(cfg, key, saved.get(key, "transpose"))       # (only "upsample" can be missing: older runs)
+        for key in ("patch", "base_width", "depth"):  # the architecture comes from the checkpoint
+            setattr(cfg, key, saved[key])
+        cfg.upsample = saved.get("upsample", "transpose")   # runs before session 20 had transposed convolutions
     if cfg.depth <= 0:
         cfg.depth = min(7, max_depth(cfg.patch))
     if cfg.patch % (2 ** cfg.depth):
