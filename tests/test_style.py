@@ -349,7 +349,8 @@ def test_resize_upsampling_leaves_no_checkerboard(seed):
         with torch.no_grad():
             y = net(x)[0, 0, 4:-4, 4:-4, 4:-4]
         sign = (-1.0) ** torch.arange(y.shape[0], dtype=torch.float32)
-        return max(float((y * sign.reshape(shape)).mean().abs()) for shape in ((-1, 1, 1), (1, -1, 1), (1, 1, -1))) / float(y.std())
+        axes = ((-1, 1, 1), (1, -1, 1), (1, 1, -1))
+        return max(float((y * sign.reshape(shape)).mean().abs()) for shape in axes) / float(y.std())
 
     assert checkerboard("transpose") > 0.1 > 0.05 > checkerboard("resize")
 

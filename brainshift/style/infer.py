@@ -64,9 +64,10 @@ def load_style_model(path: str | os.PathLike | None = None, device: str | torch.
     obj = torch.load(path, map_location="cpu", weights_only=False)
     if "g_us2t1" in obj:  # a training checkpoint
         cfg = obj["config"]
-        obj = {"base": cfg["base_width"], "depth": cfg["depth"], "upsample": cfg.get("upsample", "transpose"), "patch": cfg["patch"],
-               "state_dict": obj["g_us2t1"], "meta": {"epoch": obj["epoch"], "step": obj["step"]}}
-    net = UNet3D(base=obj["base"], depth=obj["depth"], upsample=obj.get("upsample", "transpose"))   # older files: transpose
+        obj = {"base": cfg["base_width"], "depth": cfg["depth"], "upsample": cfg.get("upsample"),
+               "patch": cfg["patch"], "state_dict": obj["g_us2t1"], "meta": {"epoch": obj["epoch"], "step": obj["step"]}}
+    # files and checkpoints written before session 20 name no decoder: they had transposed convolutions
+    net = UNet3D(base=obj["base"], depth=obj["depth"], upsample=obj.get("upsample") or "transpose")
     net.load_state_dict(obj["state_dict"])
     model = StyleModel(net, obj["patch"], obj.get("meta"))
     model.eval()
