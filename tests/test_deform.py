@@ -124,6 +124,28 @@ def test_training_checkpoints_and_resumes_exactly(tmp_path):
     assert np.all(disp[:5] == 0) and np.all(disp[:, 19:] == 0)
 
 
+def test_lr_decays_by_cosine_over_the_last_iterations_and_a_stable_checkpoint_resumes_into_it(tmp_path):
+    """Warmup-stable-decay: constant lr, then a cosine to 0 over the last ``decay`` iterations; a run
+    stopped at the stable rate and resumed with ``--decay`` gives the straight decayed run exactly."""
+    cfg = st.TrainConfig(iterations=10, decay=4, lr=1e-3)
+    lrs = [st.lr_at(cfg, i) for i in range(10)]
+    assert lrs[:7] == [1e-3] * 7
+    assert all(a > b > 0 for a, b in zip(lrs[6:], lrs[7:])) and lrs[9] < 0.2e-3
+    assert st.lr_at(st.TrainConfig(iterations=10, lr=1e-3), 9) == 1e-3          # decay 0: constant
+
+    st.train(_tiny_config(tmp_path / "straight", 4, decay=2), progress_bar=False)
+    st.train(_tiny_config(tmp_path / "pieces", 2), progress_bar=False)           # stable piece, no decay
+    st.train(_tiny_config(tmp_path / "pieces", 4, decay=2, resume=True), progress_bar=False)
+    assert _curve(tmp_path / "pieces") == _curve(tmp_path / "straight")
+    ck = torch.load(tmp_path / "pieces" / f"{st.model_stem(0.5)}.ckpt.pt", weights_only=False)
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(st.lr_at(_tiny_config(tmp_path, 4, decay=2), 3))
+    # and the decay changes the weights (the schedule reached the optimiser)
+    st.train(_tiny_config(tmp_path / "constant", 4), progress_bar=False)
+    a = torch.load(tmp_path / "pieces" / f"{st.model_stem(0.5)}.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "constant" / f"{st.model_stem(0.5)}.pt", weights_only=False)["model"]
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_warm_start_copies_the_weights_and_rejects_another_architecture(tmp_path):
     """``init_weights``: the new run's network starts as the saved one (same field), with a fresh optimiser
     and its own iteration count; weights of another architecture are a clear error."""

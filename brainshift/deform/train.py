@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -65,6 +66,7 @@ class TrainConfig:
     sup_weight: float = 0.05   # weight of the supervised term (x mean squared endpoint error, voxels^2)
     sup_decay: int = 0         # iterations over which it decays linearly to 0 (0: kept for the whole run)
     same_warmup: int = 0       # curriculum: same-contrast probability decays 1 -> generator's value
+    decay: int = 0             # the last ``decay`` iterations before ``iterations`` anneal lr to 0 (cosine)
     time_limit_min: float = 0  # stop (checkpoint first) after this many minutes (0: no limit)
     init_weights: str = ""     # start from this model's weights (a synthmorph_l*.pt), with a fresh optimiser
     resume: bool = False
@@ -75,6 +77,16 @@ class TrainConfig:
 def model_stem(lam: float) -> str:
     """File stem of the model trained with regularisation ``lam``: ``synthmorph_l0.50``."""
     return f"synthmorph_l{lam:.2f}"
+
+
+def lr_at(cfg: TrainConfig, iteration: int) -> float:
+    """Learning rate of ``iteration``: ``cfg.lr``, then a cosine from ``cfg.lr`` to 0 over the last
+    ``cfg.decay`` iterations of the run (a warmup-stable-decay schedule: a run continued at the stable
+    rate resumes from a checkpoint taken before the decay)."""
+    start = cfg.iterations - cfg.decay
+    if not cfg.decay or iteration < start:
+        return cfg.lr
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (iteration - start) / cfg.decay))
 
 
 def generator_at(cfg: TrainConfig, iteration: int) -> GeneratorConfig:
@@ -203,6 +215,8 @@ def train(cfg: TrainConfig, progress_bar: bool = True) -> dict:
     for it, batch in enumerate(bar, start=start):
         pair = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         loss, dice_l, reg, sup = pair_loss(net, pair, cfg, it)
+        for group in opt.param_groups:   # from the config, not the checkpoint: a resumed run may change it
+            group["lr"] = lr_at(cfg, it)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -252,7 +266,9 @@ def make_card(cfg: TrainConfig, model: torch.nn.Module, iteration: int, wall: fl
                 + (f" decaying to 0 over {cfg.sup_decay} it" if cfg.sup_decay else " (whole run)")
                 + (f"; curriculum: same-contrast probability 1 -> {cfg.generator.same_contrast_prob} over "
                    f"{cfg.same_warmup} it" if cfg.same_warmup else ""),
-        "optimizer": {"name": "AdamW", "lr": cfg.lr, "weight_decay": cfg.weight_decay, "batch_per_process": cfg.batch},
+        "optimizer": {"name": "AdamW", "lr": cfg.lr, "weight_decay": cfg.weight_decay, "batch_per_process": cfg.batch,
+                      "schedule": f"constant, then cosine to 0 over iterations {cfg.iterations - cfg.decay}.."
+                                  f"{cfg.iterations}" if cfg.decay else "constant"},
         "parameters": sum(p.numel() for p in model.parameters()),
         "config": _cfg_dict(cfg), "log": f"{model_stem(cfg.lam)}.log.csv", "torch": torch.__version__,
     }
@@ -268,7 +284,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--out", default=d.out, help="output folder (weights, card, learning curve, checkpoint)")
     p.add_argument("--design", choices=("corr", "unet"), default=n.design, help="network design (see deform.network)")
     p.add_argument("--shape", type=int, default=GeneratorConfig().shape, help="cubic working shape in voxels")
-    p.add_argument("--iterations", type=int, default=d.iterations, help="total iterations (a resumed run continues to it)")
+    p.add_argument("--iterations", type=int, default=d.iterations,
+                   help="total iterations (a resumed run continues to it)")
     p.add_argument("--batch", type=int, default=d.batch, help="pairs per process and iteration")
     p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="regularisation weight (mri_synthmorph -r)")
     p.add_argument("--lr", type=float, default=d.lr)
@@ -287,6 +304,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--sup-decay", type=int, default=d.sup_decay, help="iterations over which it decays (0: kept)")
     p.add_argument("--same-warmup", type=int, default=d.same_warmup,
                    help="curriculum: iterations over which same-contrast pairs fade out (0: none)")
+    p.add_argument("--decay", type=int, default=d.decay,
+                   help="anneal the learning rate to 0 (cosine) over the last DECAY iterations (0: constant)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (CPU only)")
@@ -305,7 +324,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         out=args.out, iterations=args.iterations, lam=args.lam, lr=args.lr, batch=args.batch, seed=args.seed,
         device=args.device, threads=args.threads, workers=args.workers, checkpoint_every=args.checkpoint_every,
         val_every=args.val_every, val_pairs=args.val_pairs, sup_weight=args.sup_weight, sup_decay=args.sup_decay,
-        same_warmup=args.same_warmup, time_limit_min=args.time_limit_min, resume=args.resume,
+        same_warmup=args.same_warmup, decay=args.decay, time_limit_min=args.time_limit_min, resume=args.resume,
         init_weights=args.init_weights,
         generator=GeneratorConfig(shape=args.shape, n_labels=args.labels, svf_std_max=args.svf_std,
                                   related_prob=args.related),
