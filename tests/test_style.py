@@ -237,6 +237,10 @@ def test_paired_patches_share_place_and_flips_and_supervised_term_is_logged(tmp_
         assert np.array_equal(a, t) and np.all(a[m == 0] == -1) and m.any()
     with pytest.raises(ValueError, match="paired"):
         PatchSampler([other], patch=12).sample_paired(1)
+    real_only = PatchSampler([case, other], patch=12, paired_in_domains=False)   # the pair only supervises
+    assert real_only.domains == {"us": [other], "t1": [other]} and real_only.paired == [case]
+    with pytest.raises(ValueError, match="domain"):
+        PatchSampler([case], patch=12, paired_in_domains=False)
     cfg = StyleTrainConfig(out=str(tmp_path), epochs=1, patch=16, base_width=2, patches_per_volume=1,
                            max_steps=2, val_every=1, threads=1, lam_sup=1.0, lam_ssc=1.0)
     train_style(cfg, cases=[case, other], progress=False)
@@ -378,3 +382,37 @@ def test_resize_generator_saves_loads_and_starts_from_a_transpose_encoder(tmp_pa
         assert torch.equal(v, old.state_dict()[k] if k in encoder else before[k])
     with pytest.raises(ValueError, match="upsample"):
         UNet3D(base=2, depth=4, upsample="nearest")
+
+
+def test_adversarial_weight_scales_the_gan_term_and_a_zero_identity_weight_skips_it(tmp_path):
+    """Same seed, one step: ``lam_gan`` 3 adds 2 x the (same) adversarial loss to the generators' total;
+    with ``lam_idt`` 0 the identity term is not computed (logged 0)."""
+    cases = [make_case("0", *_fan((20, 18, 16), seed=0))]
+    rows = {}
+    for lam_gan in (1.0, 3.0):
+        cfg = StyleTrainConfig(out=str(tmp_path / str(lam_gan)), epochs=1, patch=16, base_width=2,
+                               patches_per_volume=1, max_steps=1, val_every=1, threads=1, lam_idt=0.0, lam_gan=lam_gan)
+        train_style(cfg, cases=cases, progress=False)
+        first = next(csv.DictReader(open(tmp_path / str(lam_gan) / "loss_log.csv")))
+        rows[lam_gan] = {k: float(v) for k, v in first.items()}
+    a, b = rows[1.0], rows[3.0]
+    assert a["g_gan"] == pytest.approx(b["g_gan"]) and a["g_gan"] > 0
+    assert b["g_total"] - a["g_total"] == pytest.approx(2 * a["g_gan"], rel=1e-4)
+    assert a["identity"] == 0 == b["identity"]
+
+
+def test_tissue_contrast_reads_the_t1_order_and_its_inversion():
+    """WM > GM > CSF gives both contrasts > 0 (in standard deviations), the inverted image both < 0,
+    and a class missing from the field of view gives NaN rather than a number."""
+    from brainshift.style.evaluate import tissue_contrast
+    from brainshift.ultrasound import LABELS
+
+    rng = np.random.default_rng(0)
+    labels = rng.choice([LABELS["csf"], LABELS["gm"], LABELS["wm"]], size=(12, 12, 12)).astype(np.uint8)
+    t1 = np.choose(labels - LABELS["csf"], [0.2, 0.6, 1.0]) + rng.normal(0, 0.05, labels.shape)
+    fov = np.ones(labels.shape, bool)
+    c = tissue_contrast(t1, labels, fov)
+    assert c["wm_gm"] > 1 and c["gm_csf"] > 1
+    inv = tissue_contrast(1 - t1, labels, fov)
+    assert inv["wm_gm"] == pytest.approx(-c["wm_gm"]) and inv["gm_csf"] == pytest.approx(-c["gm_csf"])
+    assert np.isnan(tissue_contrast(t1, labels, labels != LABELS["csf"])["gm_csf"])

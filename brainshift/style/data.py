@@ -130,11 +130,15 @@ class PatchSampler:
     """Unpaired patches: the iUS patch and the T1 patch of one sample come from independently
     drawn volumes and centres (each centre inside that volume's iUS field of view); both are set
     to -1 outside the field of view at their own location. Random flips along each axis.
-    iUS patches come from the cases that have an iUS, T1 patches from those that have a T1."""
+    iUS patches come from the cases that have an iUS, T1 patches from those that have a T1;
+    ``paired_in_domains=False`` keeps the paired (simulated) cases out of both domains, so that they
+    only feed :meth:`sample_paired` and the discriminators see real images alone."""
 
-    def __init__(self, cases: list[StyleCase], patch: int, seed: int = 0):
+    def __init__(self, cases: list[StyleCase], patch: int, seed: int = 0, paired_in_domains: bool = True):
         self.patch = patch
-        self.domains = {"us": [c for c in cases if c.us is not None], "t1": [c for c in cases if c.t1 is not None]}
+        unpaired = [c for c in cases if paired_in_domains or not c.paired]
+        self.domains = {"us": [c for c in unpaired if c.us is not None],
+                        "t1": [c for c in unpaired if c.t1 is not None]}
         for name, found in self.domains.items():
             if not found:
                 raise ValueError(f"no training volume of the {name} domain")

@@ -44,6 +44,23 @@ def appearance(synth: np.ndarray, us: np.ndarray, aligned_t1: np.ndarray) -> dic
             "ssc_synth_t1_open": ssc_mse(synth, aligned_t1, fov), "ssc_us_t1_open": ssc_mse(us, aligned_t1, fov)}
 
 
+def tissue_contrast(img: np.ndarray, labels: np.ndarray, fov: np.ndarray) -> dict[str, float]:
+    """T1's tissue order, measured: (mean WM - mean GM) and (mean GM - mean CSF) of ``img`` inside
+    ``fov``, in units of its standard deviation there (``labels``: :data:`brainshift.ultrasound.LABELS`
+    on the same grid). A T1 has both > 0 (CSF dark, white matter brightest); NaN where a class is absent."""
+    from ..ultrasound import LABELS
+
+    x = img[fov].astype(np.float64)
+    lab = labels[fov]
+    sd = x.std() + 1e-12
+
+    def mean(name: str) -> float:
+        sel = lab == LABELS[name]
+        return float(x[sel].mean()) if sel.any() else float("nan")
+
+    return {"wm_gm": (mean("wm") - mean("gm")) / sd, "gm_csf": (mean("gm") - mean("csf")) / sd}
+
+
 def evaluate_case(case, model: StyleModel, device: str | None = None) -> dict[str, float]:
     """Numbers for one :class:`brainshift.synth.SimCase`-like object (``us``, ``t1``, ``t2``, ``truth``)."""
     fov = case.us > 0
@@ -70,7 +87,8 @@ def evaluate_dataset(cases_dir: str, threads: int | None = None, progress: bool 
                      affine: bool = True) -> dict[str, dict]:
     """Issue-6 acceptance numbers on a simulated dataset folder (``brainshift simulate`` output, ceT1 pairs).
 
-    Per case: NCC and SSC-MSE inside the iUS field of view of (synthetic T1 | raw iUS) against the
+    Per case: tissue contrasts (:func:`tissue_contrast`, ``wm_gm_*``, ``gm_csf_*``) of the synthetic
+    T1, the raw iUS and the true T1 where the folder has ``labels/``; NCC and SSC-MSE inside the iUS field of view of (synthetic T1 | raw iUS) against the
     T1 pulled onto the iUS grid with the TRUE field ``truth/<field>`` (lower SSC-MSE / higher NCC =
     closer to the T1's appearance; :func:`appearance`); the affine stage's TRE with fixed = raw iUS, with fixed =
     synthetic T1, the pick between the two by the lower SSC-MSE of the resampled MR against the raw
@@ -96,6 +114,11 @@ def evaluate_dataset(cases_dir: str, threads: int | None = None, progress: bool 
         synth = synthesize_t1(fixed.data, model, spacing=fixed.spacing)
         style_s = time.perf_counter() - t0
         row = {**appearance(synth, fixed.data, aligned), "style_s": style_s}
+        labels_file = case.fixed.parent.parent / "labels" / case.fixed.name   # the iUS's tissue (simulated)
+        if labels_file.is_file():
+            labels = load_volume(labels_file).data
+            for name, img in (("synth", synth), ("us", fixed.data), ("t1", aligned)):
+                row.update({f"{k}_{name}": v for k, v in tissue_contrast(img, labels, fov).items()})
         out[case.case_id] = row
         if not affine:
             continue
@@ -292,7 +315,7 @@ if __name__ == "__main__":
     else:
         res = evaluate_dataset(a.cases, affine=not a.no_affine)
         keys = list(next(iter(res.values())))
-        result = {"cases": res, "mean": {k: float(np.mean([r[k] for r in res.values()])) for k in keys
+        result = {"cases": res, "mean": {k: float(np.nanmean([r[k] for r in res.values()])) for k in keys
                                          if k not in ("picked", "pipeline_pick")}}
     text = json.dumps(result, indent=2)
     print(text)

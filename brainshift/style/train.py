@@ -8,11 +8,12 @@ The CycleGAN terms are unpaired: each iteration draws the iUS patch and the T1 p
 independently chosen cases and centres (:class:`brainshift.style.data.PatchSampler`). Optionally
 (``--paired DIR``, ``lam_sup > 0``) simulated pairs with known truth add a supervised term: the T1
 pulled onto the iUS grid with the true field is the target of ``G`` at the same place
-(:func:`brainshift.style.data.load_paired_cases`); their iUS and T1 also join the two domains.
+(:func:`brainshift.style.data.load_paired_cases`); their iUS and T1 also join the two domains, unless
+``--paired-supervised-only`` (then the discriminators see real images alone).
 
 Loss of the generators (``G``: US->T1, ``F``: T1->US; discriminators ``D_T1``, ``D_US``)::
 
-    L = LSGAN(D_T1(G(a))) + LSGAN(D_US(F(b)))
+    L = lam_gan * (LSGAN(D_T1(G(a))) + LSGAN(D_US(F(b))))
       + lam_cyc * (|F(G(a)) - a|_1 + |G(F(b)) - b|_1)
       + lam_idt * (|G(b) - b|_1 + |F(a) - a|_1)
       + lam_cor * (L_cor(a, G(a)) + L_cor(b, F(b)))         L_cor = 1 - mean(local NCC^2)
@@ -75,11 +76,13 @@ class StyleTrainConfig:
     depth: int = 0                  # U-Net levels; 0 = min(7, deepest the patch allows) (paper: 7)
     upsample: str = "transpose"     # U-Net up-sampling: "transpose" (pix2pix) or "resize" (no checkerboard)
     patches_per_volume: int = 4     # defines an epoch
+    lam_gan: float = 1.0            # adversarial terms (CycleGAN: 1)
     lam_cyc: float = 10.0
     lam_idt: float = 5.0
     lam_cor: float = 1.0
     lam_sup: float = 0.0            # supervised term on the paired cases (0: none)
     lam_ssc: float = 0.0            # SSC-MSE term on the paired cases (0: none)
+    paired_supervised_only: bool = False   # paired cases feed the supervised terms only, not the two domains
     init_generator: str = ""        # start the US->T1 generator from these weights (a us2t1.pt)
     cor_window: int = 9
     val_every: int = 5              # epochs between validation PNGs (also after the last epoch)
@@ -175,7 +178,8 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
                               betas=(0.5, 0.999), weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(list(d_t1.parameters()) + list(d_us.parameters()), lr=cfg.lr,
                               betas=(0.5, 0.999), weight_decay=cfg.weight_decay)
-    sampler = PatchSampler(cases, cfg.patch, seed=cfg.seed + 1000 * dist.rank)   # each rank its own patches
+    sampler = PatchSampler(cases, cfg.patch, seed=cfg.seed + 1000 * dist.rank,   # each rank its own patches
+                           paired_in_domains=not cfg.paired_supervised_only)
     epoch, step, wall_before = 0, 0, 0.0
     if ckpt is not None:
         for net, key in ((g_ab, "g_us2t1"), (g_ba, "g_t12us"), (d_t1, "d_t1"), (d_us, "d_us")):
@@ -225,13 +229,16 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
                 fake_a = where_fov(g_ba(b), mb)
                 rec_a = where_fov(g_ba(fake_b), ma)
                 rec_b = where_fov(g_ab(fake_a), mb)
-                idt_b = where_fov(g_ab(b), mb)
-                idt_a = where_fov(g_ba(a), ma)
                 for d in (d_t1, d_us):
                     d.requires_grad_(False)
                 g_gan = lsgan_loss(d_t1(fake_b), True) + lsgan_loss(d_us(fake_a), True)
             cycle = masked_l1(rec_a, a, ma) + masked_l1(rec_b, b, mb)
-            identity = masked_l1(idt_b, b, mb) + masked_l1(idt_a, a, ma)
+            identity = torch.zeros((), device=dev)
+            if cfg.lam_idt > 0:   # two more generator passes: only when the term counts
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                    idt_b = where_fov(g_ab(b), mb)
+                    idt_a = where_fov(g_ba(a), ma)
+                identity = masked_l1(idt_b, b, mb) + masked_l1(idt_a, a, ma)
             corr = correlation_loss(a, fake_b, ma, cfg.cor_window) + correlation_loss(b, fake_a, mb, cfg.cor_window)
             sup = torch.zeros((), device=dev)
             ssc = torch.zeros((), device=dev)
@@ -242,7 +249,8 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
                 sup = masked_l1(pred, t, mp) + 1.0 - (local_ncc(pred, t, cfg.cor_window) * mp).sum() / mp.sum().clamp_min(1.0)
                 if cfg.lam_ssc > 0:
                     ssc = ssc_loss(pred, t, mp)
-            g_total = g_gan + cfg.lam_cyc * cycle + cfg.lam_idt * identity + cfg.lam_cor * corr + cfg.lam_sup * sup + cfg.lam_ssc * ssc
+            g_total = (cfg.lam_gan * g_gan + cfg.lam_cyc * cycle + cfg.lam_idt * identity + cfg.lam_cor * corr
+                       + cfg.lam_sup * sup + cfg.lam_ssc * ssc)
             opt_g.zero_grad(set_to_none=True)
             g_total.backward()
             dist.average_gradients(list(g_ab.parameters()) + list(g_ba.parameters()))
@@ -343,11 +351,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--upsample", choices=UPSAMPLE, default=d.upsample, help="U-Net up-sampling: transposed "
                    "convolutions (pix2pix) or trilinear resizing + 3^3 convolution (no checkerboard)")
     p.add_argument("--patches-per-volume", type=int, default=d.patches_per_volume, help="defines an epoch")
+    p.add_argument("--lam-gan", type=float, default=d.lam_gan, help="weight of the adversarial terms")
     p.add_argument("--lam-cyc", type=float, default=d.lam_cyc)
     p.add_argument("--lam-idt", type=float, default=d.lam_idt)
     p.add_argument("--lam-cor", type=float, default=d.lam_cor)
     p.add_argument("--lam-sup", type=float, default=d.lam_sup, help="weight of the supervised term on --paired")
     p.add_argument("--lam-ssc", type=float, default=d.lam_ssc, help="weight of the SSC-MSE term on --paired")
+    p.add_argument("--paired-supervised-only", action="store_true", help="the --paired cases feed the supervised "
+                   "and SSC terms only; the unpaired domains (and so the discriminators) see real images alone")
     p.add_argument("--init-generator", default="", help="start the US->T1 generator from this us2t1.pt")
     p.add_argument("--val-every", type=int, default=d.val_every, help="epochs between validation PNGs")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many steps (0: no limit)")
@@ -366,7 +377,8 @@ def config_from_args(args: argparse.Namespace) -> StyleTrainConfig:
         hold_out=tuple(x for x in args.hold_out.split(",") if x), t1_crops=args.t1_crops, mni_crops=args.mni_crops,
         spacing=args.spacing, out=args.out, epochs=args.epochs, lr=args.lr, patch=args.patch, batch=args.batch,
         base_width=args.base_width, depth=args.depth, upsample=args.upsample, patches_per_volume=args.patches_per_volume,
-        lam_cyc=args.lam_cyc, lam_idt=args.lam_idt, lam_cor=args.lam_cor, lam_sup=args.lam_sup, lam_ssc=args.lam_ssc,
+        lam_gan=args.lam_gan, lam_cyc=args.lam_cyc, lam_idt=args.lam_idt, lam_cor=args.lam_cor, lam_sup=args.lam_sup,
+        lam_ssc=args.lam_ssc, paired_supervised_only=args.paired_supervised_only,
         init_generator=args.init_generator, val_every=args.val_every,
         max_steps=args.max_steps, time_limit_min=args.time_limit_min, device=args.device, amp=not args.no_amp,
         threads=args.threads, seed=args.seed, resume=args.resume)
