@@ -416,3 +416,14 @@ def test_tissue_contrast_reads_the_t1_order_and_its_inversion():
     inv = tissue_contrast(1 - t1, labels, fov)
     assert inv["wm_gm"] == pytest.approx(-c["wm_gm"]) and inv["gm_csf"] == pytest.approx(-c["gm_csf"])
     assert np.isnan(tissue_contrast(t1, labels, labels != LABELS["csf"])["gm_csf"])
+
+
+def test_discriminators_learn_at_their_own_rate(tmp_path):
+    """``d_lr_factor`` 4: the discriminators' optimiser runs at 4 x the generators' rate, through the schedule."""
+    cases = [make_case("0", *_fan((20, 18, 16), seed=0))]
+    cfg = StyleTrainConfig(out=str(tmp_path), epochs=4, patch=16, base_width=2, patches_per_volume=1,
+                           max_steps=3, val_every=9, threads=1, lam_idt=0.0, d_lr_factor=4.0)
+    train_style(cfg, cases=cases, progress=False)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    lr_g, lr_d = ck["opt_g"]["param_groups"][0]["lr"], ck["opt_d"]["param_groups"][0]["lr"]
+    assert lr_g < cfg.lr and lr_d == pytest.approx(4 * lr_g)      # epoch 3 of 4: already decaying, 4 x apart

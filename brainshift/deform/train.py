@@ -288,7 +288,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="total iterations (a resumed run continues to it)")
     p.add_argument("--batch", type=int, default=d.batch, help="pairs per process and iteration")
     p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="regularisation weight (mri_synthmorph -r)")
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help="learning rate (with --resume too: this one, not the checkpoint's)")
     p.add_argument("--labels", type=int, default=GeneratorConfig().n_labels, help="labels per synthetic map")
     p.add_argument("--svf-std", type=float, default=GeneratorConfig().svf_std_max,
                    help="largest std of each random SVF (voxels at shape 48, scaled with shape)")

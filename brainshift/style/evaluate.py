@@ -88,12 +88,13 @@ def evaluate_dataset(cases_dir: str, threads: int | None = None, progress: bool 
     """Issue-6 acceptance numbers on a simulated dataset folder (``brainshift simulate`` output, ceT1 pairs).
 
     Per case: tissue contrasts (:func:`tissue_contrast`, ``wm_gm_*``, ``gm_csf_*``) of the synthetic
-    T1, the raw iUS and the true T1 where the folder has ``labels/``; NCC and SSC-MSE inside the iUS field of view of (synthetic T1 | raw iUS) against the
-    T1 pulled onto the iUS grid with the TRUE field ``truth/<field>`` (lower SSC-MSE / higher NCC =
-    closer to the T1's appearance; :func:`appearance`); the affine stage's TRE with fixed = raw iUS, with fixed =
-    synthetic T1, the pick between the two by the lower SSC-MSE of the resampled MR against the raw
-    iUS, and what the pipeline's affine stage picks when offered both (``pipeline_pick``) with its
-    TRE; style inference and affine times (s). ``affine=False``: appearance numbers only
+    T1, the raw iUS and the true T1 where the folder has ``labels/``; NCC and SSC-MSE inside the iUS
+    field of view of (synthetic T1 | raw iUS) against the T1 pulled onto the iUS grid with the TRUE
+    field ``truth/<field>`` (lower SSC-MSE / higher NCC = closer to the T1's appearance;
+    :func:`appearance`); the affine stage's TRE with fixed = raw iUS, with fixed = synthetic T1, the
+    pick between the two by the lower SSC-MSE of the resampled MR against the raw iUS, and what the
+    pipeline's affine stage picks when offered both (``pipeline_pick``) with its TRE; style inference
+    and affine times (s). ``affine=False``: appearance numbers only
     (``brainshift bench`` records the affine candidates' TRE of the full pipeline).
     """
     from tqdm import tqdm

@@ -70,6 +70,7 @@ class StyleTrainConfig:
     epochs: int = 400               # paper: 400
     lr: float = 2e-4                # CycleGAN's default (the paper names AdamW, not the rate)
     weight_decay: float = 1e-2      # AdamW default
+    d_lr_factor: float = 1.0        # discriminators' rate = lr x this (two time-scale update rule: > 1)
     patch: int = 64
     batch: int = 1
     base_width: int = 8
@@ -176,7 +177,7 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
                       f"{start.upsample} -> {cfg.upsample}: the decoder starts fresh)")
     opt_g = torch.optim.AdamW(list(g_ab.parameters()) + list(g_ba.parameters()), lr=cfg.lr,
                               betas=(0.5, 0.999), weight_decay=cfg.weight_decay)
-    opt_d = torch.optim.AdamW(list(d_t1.parameters()) + list(d_us.parameters()), lr=cfg.lr,
+    opt_d = torch.optim.AdamW(list(d_t1.parameters()) + list(d_us.parameters()), lr=cfg.lr * cfg.d_lr_factor,
                               betas=(0.5, 0.999), weight_decay=cfg.weight_decay)
     sampler = PatchSampler(cases, cfg.patch, seed=cfg.seed + 1000 * dist.rank,   # each rank its own patches
                            paired_in_domains=not cfg.paired_supervised_only)
@@ -213,9 +214,9 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
 
     while epoch < cfg.epochs and not (cfg.max_steps and step >= cfg.max_steps):
         factor = _lr_factor(epoch, cfg.epochs)
-        for opt in (opt_g, opt_d):
+        for opt, base in ((opt_g, cfg.lr), (opt_d, cfg.lr * cfg.d_lr_factor)):
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * factor
+                group["lr"] = base * factor
         sums = dict.fromkeys(LOSS_KEYS, 0.0)
         n_steps = 0
         bar = progress_bar(range(steps_per_epoch), progress and dist.main, desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -344,6 +345,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--out", default=d.out, help="output folder (checkpoint, us2t1.pt, loss log, PNGs)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (paper: 400)")
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    p.add_argument("--d-lr-factor", type=float, default=d.d_lr_factor,
+                   help="the discriminators' learning rate is --lr times this (two time-scale update: > 1)")
     p.add_argument("--patch", type=int, default=d.patch, help="cubic patch side in voxels")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--base-width", type=int, default=d.base_width, help="channels of the first U-Net level")
@@ -375,7 +378,8 @@ def config_from_args(args: argparse.Namespace) -> StyleTrainConfig:
     return StyleTrainConfig(
         data=args.data or "", real_ius=args.real_ius or "", real_t1=tuple(args.real_t1), paired=tuple(args.paired),
         hold_out=tuple(x for x in args.hold_out.split(",") if x), t1_crops=args.t1_crops, mni_crops=args.mni_crops,
-        spacing=args.spacing, out=args.out, epochs=args.epochs, lr=args.lr, patch=args.patch, batch=args.batch,
+        spacing=args.spacing, out=args.out, epochs=args.epochs, lr=args.lr, d_lr_factor=args.d_lr_factor,
+        patch=args.patch, batch=args.batch,
         base_width=args.base_width, depth=args.depth, upsample=args.upsample, patches_per_volume=args.patches_per_volume,
         lam_gan=args.lam_gan, lam_cyc=args.lam_cyc, lam_idt=args.lam_idt, lam_cor=args.lam_cor, lam_sup=args.lam_sup,
         lam_ssc=args.lam_ssc, paired_supervised_only=args.paired_supervised_only,
