@@ -427,3 +427,24 @@ def test_discriminators_learn_at_their_own_rate(tmp_path):
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     lr_g, lr_d = ck["opt_g"]["param_groups"][0]["lr"], ck["opt_d"]["param_groups"][0]["lr"]
     assert lr_g < cfg.lr and lr_d == pytest.approx(4 * lr_g)      # epoch 3 of 4: already decaying, 4 x apart
+
+
+def test_instance_normalised_critic_cannot_see_a_patch_s_contrast_and_the_plain_one_can():
+    """At initialisation (zero biases), the pix2pix critic gives the same logits for a patch and for
+    the patch with 3 x its contrast: instance norm divides the spread out, so "too smooth" is invisible
+    to it. ``norm="none"`` answers differently; the instance variant keeps its parameter names
+    (checkpoints written before the option load)."""
+    from brainshift.style.networks import PatchGAN3D, init_weights
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 32, 32, 32)
+    inst, plain = init_weights(PatchGAN3D(4, 3)), init_weights(PatchGAN3D(4, 3, norm="none"))
+    rel = lambda a, b: float((a - b).norm() / a.norm())   # noqa: E731
+    with torch.no_grad():
+        assert rel(inst(x), inst(3 * x)) < 0.01          # the same answer (up to the norm's epsilon)
+        assert rel(plain(x), plain(3 * x)) > 1.5         # 3 x the logits: it sees the contrast
+    assert not any(isinstance(m, nn.InstanceNorm3d) for m in plain.modules())
+    assert [k for k in inst.state_dict() if "net.2." in k or "net.3." in k] == [
+        "net.2.weight", "net.3.weight", "net.3.bias"]   # conv (no bias), InstanceNorm3d (affine), as before
+    with pytest.raises(ValueError, match="norm"):
+        PatchGAN3D(4, 3, norm="batch")

@@ -98,19 +98,26 @@ class UNet3D(nn.Module):
         return x
 
 
+D_NORMS = ("instance", "none")
+
+
 class PatchGAN3D(nn.Module):
     """3D PatchGAN discriminator (pix2pix, `layers` strided blocks; 3 = the 70-voxel receptive field):
-    a grid of logits, one per overlapping sub-patch."""
+    a grid of logits, one per overlapping sub-patch. ``norm="instance"`` (pix2pix) divides out each
+    feature's spread over the patch, which is also how sharp a patch is; ``"none"`` keeps it."""
 
-    def __init__(self, base: int = 8, layers: int = 3, in_ch: int = 1):
+    def __init__(self, base: int = 8, layers: int = 3, in_ch: int = 1, norm: str = "instance"):
         super().__init__()
+        if norm not in D_NORMS:
+            raise ValueError(f"norm must be one of {D_NORMS}, not {norm!r}")
         seq: list[nn.Module] = [nn.Conv3d(in_ch, base, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
         w = base
         for n in range(1, layers + 1):
             w_next = base * min(2 ** n, 8)
             stride = 2 if n < layers else 1
-            seq += [nn.Conv3d(w, w_next, 4, stride=stride, padding=1, bias=False),
-                    nn.InstanceNorm3d(w_next, affine=True), nn.LeakyReLU(0.2, inplace=True)]
+            seq += [nn.Conv3d(w, w_next, 4, stride=stride, padding=1, bias=norm == "none"),
+                    nn.InstanceNorm3d(w_next, affine=True) if norm == "instance" else nn.Identity(),
+                    nn.LeakyReLU(0.2, inplace=True)]
             w = w_next
         seq.append(nn.Conv3d(w, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*seq)
