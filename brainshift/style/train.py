@@ -179,7 +179,8 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
                       f"{start.upsample} -> {cfg.upsample}: the decoder starts fresh)")
     opt_g = torch.optim.AdamW(list(g_ab.parameters()) + list(g_ba.parameters()), lr=cfg.lr,
                               betas=(0.5, 0.999), weight_decay=cfg.weight_decay)
-    opt_d = torch.optim.AdamW(list(d_t1.parameters()) + list(d_us.parameters()), lr=cfg.lr * cfg.d_lr_factor,
+    d_lr = cfg.lr * cfg.d_lr_factor   # the discriminators' base rate (the schedule scales both alike)
+    opt_d = torch.optim.AdamW(list(d_t1.parameters()) + list(d_us.parameters()), lr=d_lr,
                               betas=(0.5, 0.999), weight_decay=cfg.weight_decay)
     sampler = PatchSampler(cases, cfg.patch, seed=cfg.seed + 1000 * dist.rank,   # each rank its own patches
                            paired_in_domains=not cfg.paired_supervised_only)
@@ -216,7 +217,7 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
 
     while epoch < cfg.epochs and not (cfg.max_steps and step >= cfg.max_steps):
         factor = _lr_factor(epoch, cfg.epochs)
-        for opt, base in ((opt_g, cfg.lr), (opt_d, cfg.lr * cfg.d_lr_factor)):
+        for opt, base in ((opt_g, cfg.lr), (opt_d, d_lr)):
             for group in opt.param_groups:
                 group["lr"] = base * factor
         sums = dict.fromkeys(LOSS_KEYS, 0.0)
