@@ -448,3 +448,36 @@ def test_instance_normalised_critic_cannot_see_a_patch_s_contrast_and_the_plain_
         "net.2.weight", "net.3.weight", "net.3.bias"]   # conv (no bias), InstanceNorm3d (affine), as before
     with pytest.raises(ValueError, match="norm"):
         PatchGAN3D(4, 3, norm="batch")
+
+
+def test_highpass_critic_sees_the_laplacian_and_resumes_with_it(tmp_path):
+    """The Laplacian is +6 at a bright dot and -1 at its 6 neighbours, 0 inside a linear ramp; the
+    high-pass critic's first layer reads (image, Laplacian); a resumed run rebuilds such critics from
+    the checkpoint (their state would not load into one-channel critics)."""
+    from brainshift.style.networks import laplacian
+
+    dot = torch.zeros(1, 1, 5, 5, 5)
+    dot[0, 0, 2, 2, 2] = 1.0
+    lap = laplacian(dot)
+    assert lap[0, 0, 2, 2, 2] == 6 and lap[0, 0, 1, 2, 2] == -1 and lap[0, 0, 2, 2, 3] == -1
+    assert float(lap.sum()) == 0 and lap[0, 0, 0, 0, 0] == 0
+    ramp = torch.arange(6.0).reshape(6, 1, 1).expand(6, 6, 6)[None, None] * 0.3 + 0.1
+    assert laplacian(ramp)[..., 1:-1, 1:-1, 1:-1].abs().max() < 1e-6
+
+    torch.manual_seed(0)
+    critic = PatchGAN3D(4, 3, norm="none", highpass=True)
+    first = critic.net[0]
+    assert first.in_channels == 2
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        direct = critic.net(torch.cat([x, laplacian(x)], 1))
+        assert torch.equal(critic(x), direct)
+
+    cases = [make_case("0", *_fan((20, 18, 16), seed=0))]
+    kw = dict(out=str(tmp_path), epochs=4, patch=16, base_width=2, patches_per_volume=1, val_every=9, threads=1,
+              lam_idt=0.0)
+    train_style(StyleTrainConfig(max_steps=1, d_norm="none", d_highpass=True, **kw), cases=cases, progress=False)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ck["config"]["d_highpass"] and ck["d_t1"]["net.0.weight"].shape[1] == 2
+    card = train_style(StyleTrainConfig(max_steps=2, resume=True, **kw), cases=cases, progress=False)
+    assert card["step"] == 2

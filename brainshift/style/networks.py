@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 
 def max_depth(patch: int) -> int:
@@ -101,16 +102,31 @@ class UNet3D(nn.Module):
 D_NORMS = ("instance", "none")
 
 
+def laplacian(x: torch.Tensor) -> torch.Tensor:
+    """6-neighbour discrete Laplacian of ``(B, 1, X, Y, Z)`` images, negated (a bright dot is
+    positive), edges replicated: the high-pass channel of :class:`PatchGAN3D` (``highpass``)."""
+    pad = F.pad(x, (1,) * 6, mode="replicate")
+    core = pad[:, :, 1:-1, 1:-1, 1:-1]
+    neighbours = (pad[:, :, :-2, 1:-1, 1:-1] + pad[:, :, 2:, 1:-1, 1:-1] + pad[:, :, 1:-1, :-2, 1:-1]
+                  + pad[:, :, 1:-1, 2:, 1:-1] + pad[:, :, 1:-1, 1:-1, :-2] + pad[:, :, 1:-1, 1:-1, 2:])
+    return 6 * core - neighbours
+
+
 class PatchGAN3D(nn.Module):
     """3D PatchGAN discriminator (pix2pix, `layers` strided blocks; 3 = the 70-voxel receptive field):
     a grid of logits, one per overlapping sub-patch. ``norm="instance"`` (pix2pix) divides out each
-    feature's spread over the patch, which is also how sharp a patch is; ``"none"`` keeps it."""
+    feature's spread over the patch, which is also how sharp a patch is; ``"none"`` keeps it.
+    ``highpass`` adds the image's :func:`laplacian` as a second input channel: how sharp a patch is
+    then shows in the first layer's input instead of having to be learned."""
 
-    def __init__(self, base: int = 8, layers: int = 3, in_ch: int = 1, norm: str = "instance"):
+    def __init__(self, base: int = 8, layers: int = 3, in_ch: int = 1, norm: str = "instance",
+                 highpass: bool = False):
         super().__init__()
         if norm not in D_NORMS:
             raise ValueError(f"norm must be one of {D_NORMS}, not {norm!r}")
-        seq: list[nn.Module] = [nn.Conv3d(in_ch, base, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+        self.highpass = highpass
+        first_in = in_ch * (2 if highpass else 1)
+        seq: list[nn.Module] = [nn.Conv3d(first_in, base, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
         w = base
         for n in range(1, layers + 1):
             w_next = base * min(2 ** n, 8)
@@ -123,6 +139,8 @@ class PatchGAN3D(nn.Module):
         self.net = nn.Sequential(*seq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.highpass:
+            x = torch.cat([x, torch.cat([laplacian(c) for c in x.split(1, dim=1)], 1)], 1)
         return self.net(x)
 
 

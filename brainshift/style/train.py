@@ -72,6 +72,7 @@ class StyleTrainConfig:
     weight_decay: float = 1e-2      # AdamW default
     d_norm: str = "instance"        # discriminator normalisation: "instance" (pix2pix) or "none"
     d_lr_factor: float = 1.0        # discriminators' rate = lr x this (two time-scale update rule: > 1)
+    d_highpass: bool = False        # the discriminators also see the image's Laplacian (how sharp it is)
     patch: int = 64
     batch: int = 1
     base_width: int = 8
@@ -143,6 +144,7 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
             setattr(cfg, key, saved[key])
         cfg.upsample = saved.get("upsample", "transpose")   # runs before session 20 had transposed convolutions
         cfg.d_norm = saved.get("d_norm", "instance")        # and before session 21, instance-normalised critics
+        cfg.d_highpass = saved.get("d_highpass", False)     # before session 22, no high-pass channel
     if cfg.depth <= 0:
         cfg.depth = min(7, max_depth(cfg.patch))
     if cfg.patch % (2 ** cfg.depth):
@@ -165,8 +167,8 @@ def train_style(cfg: StyleTrainConfig, cases: list[StyleCase] | None = None, pro
     g_ab = init_weights(UNet3D(cfg.base_width, cfg.depth, upsample=cfg.upsample)).to(dev)   # US -> T1
     g_ba = init_weights(UNet3D(cfg.base_width, cfg.depth, upsample=cfg.upsample)).to(dev)   # T1 -> US
     d_layers = 3 if cfg.patch >= 32 else 2  # small (test) patches: one layer less, output > 1 voxel
-    d_t1 = init_weights(PatchGAN3D(cfg.base_width, d_layers, norm=cfg.d_norm)).to(dev)
-    d_us = init_weights(PatchGAN3D(cfg.base_width, d_layers, norm=cfg.d_norm)).to(dev)
+    d_t1 = init_weights(PatchGAN3D(cfg.base_width, d_layers, norm=cfg.d_norm, highpass=cfg.d_highpass)).to(dev)
+    d_us = init_weights(PatchGAN3D(cfg.base_width, d_layers, norm=cfg.d_norm, highpass=cfg.d_highpass)).to(dev)
     if cfg.init_generator and ckpt is None:
         from .infer import load_style_model
         start = load_style_model(cfg.init_generator, "cpu").net
@@ -350,6 +352,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
     p.add_argument("--d-norm", choices=D_NORMS, default=d.d_norm, help="discriminator normalisation: instance "
                    "(pix2pix; divides out how sharp a patch is) or none")
+    p.add_argument("--d-highpass", action="store_true", help="the discriminators also see each patch's Laplacian "
+                   "(a critic given only the image stays near chance on smooth outputs)")
     p.add_argument("--d-lr-factor", type=float, default=d.d_lr_factor,
                    help="the discriminators' learning rate is --lr times this (two time-scale update: > 1)")
     p.add_argument("--patch", type=int, default=d.patch, help="cubic patch side in voxels")
@@ -384,7 +388,7 @@ def config_from_args(args: argparse.Namespace) -> StyleTrainConfig:
         data=args.data or "", real_ius=args.real_ius or "", real_t1=tuple(args.real_t1), paired=tuple(args.paired),
         hold_out=tuple(x for x in args.hold_out.split(",") if x), t1_crops=args.t1_crops, mni_crops=args.mni_crops,
         spacing=args.spacing, out=args.out, epochs=args.epochs, lr=args.lr, d_lr_factor=args.d_lr_factor,
-        d_norm=args.d_norm, patch=args.patch, batch=args.batch,
+        d_norm=args.d_norm, d_highpass=args.d_highpass, patch=args.patch, batch=args.batch,
         base_width=args.base_width, depth=args.depth, upsample=args.upsample, patches_per_volume=args.patches_per_volume,
         lam_gan=args.lam_gan, lam_cyc=args.lam_cyc, lam_idt=args.lam_idt, lam_cor=args.lam_cor, lam_sup=args.lam_sup,
         lam_ssc=args.lam_ssc, paired_supervised_only=args.paired_supervised_only,
