@@ -103,8 +103,8 @@ D_NORMS = ("instance", "none")
 
 
 def laplacian(x: torch.Tensor) -> torch.Tensor:
-    """6-neighbour discrete Laplacian of ``(B, 1, X, Y, Z)`` images, negated (a bright dot is
-    positive), edges replicated: the high-pass channel of :class:`PatchGAN3D` (``highpass``)."""
+    """6-neighbour discrete Laplacian of ``(B, C, X, Y, Z)`` images, each channel on its own, negated
+    (a bright dot is positive), edges replicated: the high-pass channels of :class:`PatchGAN3D` (``highpass``)."""
     pad = F.pad(x, (1,) * 6, mode="replicate")
     core = pad[:, :, 1:-1, 1:-1, 1:-1]
     neighbours = (pad[:, :, :-2, 1:-1, 1:-1] + pad[:, :, 2:, 1:-1, 1:-1] + pad[:, :, 1:-1, :-2, 1:-1]
@@ -140,7 +140,7 @@ class PatchGAN3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.highpass:
-            x = torch.cat([x, torch.cat([laplacian(c) for c in x.split(1, dim=1)], 1)], 1)
+            x = torch.cat([x, laplacian(x)], 1)
         return self.net(x)
 
 
